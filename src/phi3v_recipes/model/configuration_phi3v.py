@@ -1,0 +1,176 @@
+"""Configuration of Phi-3 / Phi-3.5-vision (`model_type: phi3_v`).
+
+The language-model fields are those of transformers' `Phi3Config`. On top of them, the official
+`config.json` carries two dicts that describe the vision side:
+
+- `img_processor`: `{name: clip_vision_model, model_name: openai/clip-vit-large-patch14-336,
+  image_dim_out: 1024, num_img_tokens: 144, layer_idx: -2, type_feature: patch}`;
+- `embd_layer`: `{embedding_cls: image, use_hd_transform: true, with_learnable_separator: true,
+  hd_transform_order: sub_glb, projection_cls: mlp}`.
+
+The official file does not spell out the CLIP architecture: `model_name` implies CLIP ViT-L/14-336.
+`vision_config` makes it explicit (we write it when saving), and lets tests build tiny models.
+"""
+
+from typing import Any
+
+from transformers import CLIPVisionConfig, Phi3Config
+from transformers.configuration_utils import SubConfigSpec
+from transformers.utils import is_flash_attn_2_available, logging
+
+logger = logging.get_logger(__name__)
+
+CLIP_VIT_L_14_336 = "openai/clip-vit-large-patch14-336"
+
+# CLIP ViT-L/14 at 336 px, the vision tower of every released Phi-3-V checkpoint.
+CLIP_VIT_L_14_336_CONFIG: dict[str, Any] = {
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "image_size": 336,
+    "patch_size": 14,
+    "projection_dim": 768,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+    "attention_dropout": 0.0,
+    "initializer_range": 0.02,
+    "initializer_factor": 1.0,
+}
+
+DEFAULT_IMG_PROCESSOR: dict[str, Any] = {
+    "name": "clip_vision_model",
+    "model_name": CLIP_VIT_L_14_336,
+    "image_dim_out": 1024,
+    "num_img_tokens": 144,
+    "layer_idx": -2,
+    "type_feature": "patch",
+}
+
+DEFAULT_EMBD_LAYER: dict[str, Any] = {
+    "embedding_cls": "image",
+    "use_hd_transform": True,
+    "with_learnable_separator": True,
+    "hd_transform_order": "sub_glb",
+    "projection_cls": "mlp",
+}
+
+
+class Phi3VConfig(Phi3Config):
+    r"""Configuration of [`Phi3VForCausalLM`]: a Phi-3 language model fed by a CLIP vision tower.
+
+    Args:
+        vision_config (`dict` or `CLIPVisionConfig`, *optional*):
+            The CLIP vision tower. Defaults to CLIP ViT-L/14-336, which is what `img_processor.model_name`
+            names in the official checkpoints.
+        img_processor (`dict`, *optional*):
+            Which CLIP features feed the projector: `layer_idx` (hidden-state index, default -2: the output of
+            the second-to-last layer), `type_feature` (`patch`: drop the CLS token), `image_dim_out` (CLIP
+            width), `num_img_tokens` (tokens per crop after the 2x2 merge).
+        embd_layer (`dict`, *optional*):
+            The HD image embedding. Only the configuration of the released checkpoints is implemented:
+            HD transform, learnable separators, `sub_glb` order, MLP projector.
+    """
+
+    model_type = "phi3_v"
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(config_class=CLIPVisionConfig, init_kwargs=CLIP_VIT_L_14_336_CONFIG)
+    }
+
+    vision_config: dict | CLIPVisionConfig | None = None
+    img_processor: dict | None = None
+    embd_layer: dict | None = None
+
+    def __post_init__(self, **kwargs):
+        self.img_processor = {**DEFAULT_IMG_PROCESSOR, **(self.img_processor or {})}
+        self.embd_layer = {**DEFAULT_EMBD_LAYER, **(self.embd_layer or {})}
+        if self.vision_config is None and self.img_processor["model_name"] != CLIP_VIT_L_14_336:
+            raise ValueError(
+                f"img_processor.model_name is {self.img_processor['model_name']!r}, but only "
+                f"{CLIP_VIT_L_14_336!r} is implied without an explicit `vision_config`: pass `vision_config` "
+                "(a CLIPVisionConfig or its dict) to use another vision tower."
+            )
+        # The official config.json records `_attn_implementation: flash_attention_2`: a preference of the machine
+        # it was saved on, not a property of the weights. An explicit `attn_implementation=` wins over it, and
+        # without flash-attn installed it falls back to the default (sdpa).
+        saved_attn = kwargs.pop("_attn_implementation", None)
+        if kwargs.get("attn_implementation") is None and saved_attn is not None:
+            if saved_attn == "flash_attention_2" and not is_flash_attn_2_available():
+                logger.warning_once(
+                    "config.json asks for flash_attention_2, which is not installed: using the default attention "
+                    "(sdpa). Pass attn_implementation= to choose another."
+                )
+            else:
+                kwargs["attn_implementation"] = saved_attn
+        super().__post_init__(**kwargs)
+        self._check_vision_fields()
+
+    def convert_rope_params_to_dict(self, default_theta: int | float = 10_000.0, ignore_keys=None, **kwargs):
+        # The official files say `rope_scaling: {type: su, ...}`. transformers renames `su` to `longrope`
+        # only after it has decided which keys `longrope` needs, so it then misses
+        # `original_max_position_embeddings`. Rename first.
+        rope_scaling = kwargs.get("rope_scaling") or self.rope_parameters
+        if isinstance(rope_scaling, dict):
+            rope_type = rope_scaling.get("rope_type", rope_scaling.get("type"))
+            if rope_type in ("su", "yarn"):
+                rope_scaling = {k: v for k, v in rope_scaling.items() if k != "type"}
+                rope_scaling["rope_type"] = "longrope"
+                if "rope_scaling" in kwargs:
+                    kwargs["rope_scaling"] = rope_scaling
+                else:
+                    self.rope_parameters = rope_scaling
+        return super().convert_rope_params_to_dict(default_theta=default_theta, ignore_keys=ignore_keys, **kwargs)
+
+    def _check_vision_fields(self) -> None:
+        embd, proc, vision = self.embd_layer, self.img_processor, self.vision_config
+        expected = {
+            "embedding_cls": "image",
+            "use_hd_transform": True,
+            "with_learnable_separator": True,
+            "hd_transform_order": "sub_glb",
+            "projection_cls": "mlp",
+        }
+        for key, value in expected.items():
+            if embd.get(key) != value:
+                raise ValueError(
+                    f"embd_layer.{key}={embd.get(key)!r} is not supported: phi3v-recipes implements the released "
+                    f"Phi-3-V image embedding ({key}={value!r})."
+                )
+        if proc["type_feature"] != "patch":
+            raise ValueError(f"img_processor.type_feature={proc['type_feature']!r} is not supported; use 'patch'.")
+        if proc["image_dim_out"] != vision.hidden_size:
+            raise ValueError(
+                f"img_processor.image_dim_out={proc['image_dim_out']} must equal the CLIP width "
+                f"vision_config.hidden_size={vision.hidden_size}."
+            )
+        grid = vision.image_size // vision.patch_size
+        if vision.image_size % vision.patch_size or grid % 2:
+            raise ValueError(
+                f"vision_config image_size={vision.image_size} / patch_size={vision.patch_size} must give an even "
+                "patch grid: the image embedding merges 2x2 patches."
+            )
+        if proc["num_img_tokens"] != (grid // 2) ** 2:
+            raise ValueError(
+                f"img_processor.num_img_tokens={proc['num_img_tokens']} does not match the CLIP patch grid "
+                f"({grid}x{grid} patches merge 2x2 into {(grid // 2) ** 2} tokens per crop)."
+            )
+        layer_idx = proc["layer_idx"]
+        if not -(vision.num_hidden_layers + 1) <= layer_idx <= vision.num_hidden_layers:
+            raise ValueError(
+                f"img_processor.layer_idx={layer_idx} must index CLIP's hidden states "
+                f"(0..{vision.num_hidden_layers} or -1..-{vision.num_hidden_layers + 1})."
+            )
+
+    @property
+    def vision_feature_layers(self) -> int:
+        """How many CLIP encoder layers run: the features are the output of the last one of them."""
+        layer_idx = self.img_processor["layer_idx"]
+        n = self.vision_config.num_hidden_layers
+        return layer_idx if layer_idx >= 0 else n + 1 + layer_idx
+
+    @property
+    def image_dim_out(self) -> int:
+        return self.img_processor["image_dim_out"]
+
+
+__all__ = ["Phi3VConfig", "CLIP_VIT_L_14_336_CONFIG"]

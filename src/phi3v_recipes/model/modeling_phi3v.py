@@ -1,0 +1,328 @@
+"""Phi-3 / Phi-3.5-vision: transformers' Phi-3 decoder fed by a CLIP vision tower through the HD image embedding.
+
+Module tree and parameter names are those of Microsoft's checkpoints:
+
+    model.embed_tokens, model.layers.*, model.norm            (transformers' Phi3Model)
+    model.vision_embed_tokens.img_processor.vision_model.*    (transformers' CLIPVisionModel)
+    model.vision_embed_tokens.glb_GN, .sub_GN                 (learnable separators)
+    model.vision_embed_tokens.img_projection.{0,2}            (Linear, GELU, Linear)
+    lm_head
+
+Image positions in `input_ids` hold negative ids (`-N` for the N-th image of a sample, as the processor writes
+them); the model looks the embedding up at `max(id, 0)` on a copy and overwrites those positions with image
+features, so the caller's tensor is never modified.
+"""
+
+import torch
+from torch import nn
+from transformers import CLIPVisionConfig
+from transformers import initialization as init
+from transformers.cache_utils import Cache
+from transformers.generation import GenerationMixin
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.models.clip.modeling_clip import CLIPEncoder, CLIPVisionEmbeddings
+from transformers.models.phi3.modeling_phi3 import Phi3Model, Phi3PreTrainedModel
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
+
+from phi3v_recipes.model.configuration_phi3v import Phi3VConfig
+
+
+class Phi3VCLIPTransformer(nn.Module):
+    """CLIP's vision transformer with the checkpoints' module names (`embeddings`, `pre_layrnorm`, `encoder`,
+    `post_layernorm`), built from transformers' CLIP blocks. It runs only the first `num_layers` encoder layers:
+    Phi-3-V reads features from an inner layer, so later layers and `post_layernorm` never run."""
+
+    def __init__(self, config: CLIPVisionConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = CLIPVisionEmbeddings(config)
+        self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.encoder = CLIPEncoder(config)
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, pixel_values: torch.Tensor, num_layers: int) -> torch.Tensor:
+        """Hidden states [N, 1 + patches, width] after `num_layers` encoder layers (0: the embeddings)."""
+        hidden = self.embeddings(pixel_values.to(self.embeddings.patch_embedding.weight.dtype))
+        hidden = self.pre_layrnorm(hidden)
+        for layer in self.encoder.layers[:num_layers]:
+            hidden = layer(hidden, None)
+        return hidden
+
+
+class Phi3VCLIPVisionModel(nn.Module):
+    """Holds the CLIP transformer as `vision_model`, the layout of `CLIPVisionModel` in the checkpoints."""
+
+    def __init__(self, config: CLIPVisionConfig):
+        super().__init__()
+        self.vision_model = Phi3VCLIPTransformer(config)
+
+
+class Phi3VImageEmbedding(nn.Module):
+    """The HD image embedding: CLIP features of every crop, merged 2x2, laid out as the image, projected.
+
+    For an image whose padded size is `h x w` (multiples of the crop size `c`, 336), with `g` merged tokens per
+    crop side (12), the output is, in order:
+
+    1. the `(h/c) x (w/c)` grid of sub-crops as one `(h/c * g) x (w/c * g)` token grid, each row followed by
+       `sub_GN` (a learnable "newline");
+    2. one `glb_GN` (a learnable separator);
+    3. the global view (the whole image resized to one crop) as a `g x g` grid, each row followed by `sub_GN`;
+
+    `(h/c * w/c + 1) * g^2 + 1 + (h/c + 1) * g` vectors in all, projected to the LM width by a 2-layer GELU MLP.
+    """
+
+    def __init__(self, config: Phi3VConfig):
+        super().__init__()
+        vision = config.vision_config
+        self.img_processor = Phi3VCLIPVisionModel(vision)
+        self.num_vision_layers = config.vision_feature_layers
+        self.crop_size = vision.image_size
+        self.merged_grid = vision.image_size // vision.patch_size // 2
+        dim = 4 * config.image_dim_out
+        self.glb_GN = nn.Parameter(torch.zeros(1, 1, dim))
+        self.sub_GN = nn.Parameter(torch.zeros(1, 1, 1, dim))
+        self.img_projection = nn.Sequential(
+            nn.Linear(dim, config.hidden_size), nn.GELU(), nn.Linear(config.hidden_size, config.hidden_size)
+        )
+        # CLIP layers past the feature layer, and CLIP's post-layernorm, are stored in the checkpoints but never
+        # run: freeze them so that no optimizer, DDP bucket or LoRA target waits for their gradients.
+        for module in self.unused_vision_modules():
+            module.requires_grad_(False)
+
+    def unused_vision_modules(self) -> list[nn.Module]:
+        """CLIP modules that exist for checkpoint compatibility only and never take part in a forward pass."""
+        vision_model = self.img_processor.vision_model
+        return [*vision_model.encoder.layers[self.num_vision_layers :], vision_model.post_layernorm]
+
+    def crop_features(self, crops: torch.Tensor) -> torch.Tensor:
+        """CLIP patch features of `crops` [N, 3, c, c]: the hidden state after `num_vision_layers` layers,
+        CLS token dropped, [N, patches, image_dim_out]."""
+        return self.img_processor.vision_model(crops, self.num_vision_layers)[:, 1:]
+
+    def merge_2x2(self, features: torch.Tensor) -> torch.Tensor:
+        """[N, (2g)^2, C] patch features -> [N, g, g, 4C]: each 2x2 block of patches concatenated, row-major."""
+        n, _, channels = features.shape
+        g = self.merged_grid
+        blocks = features.reshape(n, g, 2, g, 2, channels).permute(0, 1, 3, 2, 4, 5)
+        return blocks.reshape(n, g, g, 4 * channels)
+
+    def with_newlines(self, grid: torch.Tensor) -> torch.Tensor:
+        """[rows, cols, D] token grid -> [rows * (cols + 1), D] with `sub_GN` closing every row."""
+        rows = grid.shape[0]
+        newline = self.sub_GN.reshape(1, 1, -1).expand(rows, 1, -1).to(grid.dtype)
+        return torch.cat([grid, newline], dim=1).reshape(-1, grid.shape[-1])
+
+    def forward(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
+        """Image features of a batch of images, concatenated in image order.
+
+        Args:
+            pixel_values: [n_images, max_crops, 3, c, c]; entry 0 of each image is its global view, entries
+                1.. its sub-crops row-major, the rest zero padding (never run through CLIP).
+            image_sizes: [n_images, 2], the padded (height, width) of each image, multiples of `c`.
+
+        Returns:
+            [total image tokens, hidden_size].
+        """
+        image_sizes = torch.as_tensor(image_sizes, device=pixel_values.device).reshape(-1, 2).long()
+        crops_h, crops_w = (image_sizes // self.crop_size).unbind(-1)
+        real_crops = (crops_h * crops_w + 1).tolist()
+        n_images, max_crops = pixel_values.shape[:2]
+        if len(real_crops) != n_images or max(real_crops) > max_crops:
+            raise ValueError(
+                f"pixel_values holds {n_images} images of {max_crops} crops but image_sizes "
+                f"{image_sizes.tolist()} asks for {real_crops} crops: pass both as the processor returns them."
+            )
+        # CLIP sees each image's real crops only, never the zero padding.
+        keep = torch.arange(max_crops, device=pixel_values.device)[None] < torch.tensor(
+            real_crops, device=pixel_values.device
+        )[:, None]
+        merged = self.merge_2x2(self.crop_features(pixel_values[keep]))
+        merged = merged.to(self.img_projection[0].weight.dtype)
+
+        g, pieces = self.merged_grid, []
+        for image, h, w in zip(merged.split(real_crops), crops_h.tolist(), crops_w.tolist(), strict=True):
+            glb, subs = image[0], image[1:]
+            sub_grid = subs.reshape(h, w, g, g, -1).permute(0, 2, 1, 3, 4).reshape(h * g, w * g, -1)
+            pieces += [self.with_newlines(sub_grid), self.glb_GN.reshape(1, -1).to(glb.dtype), self.with_newlines(glb)]
+        return self.img_projection(torch.cat(pieces))
+
+
+class Phi3VPreTrainedModel(Phi3PreTrainedModel):
+    config: Phi3VConfig
+    config_class = Phi3VConfig
+    input_modalities = ("image", "text")
+    _no_split_modules = ["Phi3DecoderLayer", "CLIPEncoderLayer"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, Phi3VImageEmbedding):
+            init.zeros_(module.glb_GN)
+            init.zeros_(module.sub_GN)
+        elif isinstance(module, CLIPVisionEmbeddings):
+            init.normal_(module.class_embedding, mean=0.0, std=module.embed_dim**-0.5)
+            init.copy_(module.position_ids, torch.arange(module.num_positions).expand((1, -1)))
+
+
+class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
+    """Phi-3 decoder whose input embeddings carry image features at the image positions."""
+
+    def __init__(self, config: Phi3VConfig):
+        super().__init__(config)
+        # transformers resolved the attention back-end on the top config only; the CLIP blocks read theirs from
+        # `vision_config`. Re-assigning through the setter hands it down.
+        config._attn_implementation = config._attn_implementation
+        self.vision_embed_tokens = Phi3VImageEmbedding(config)
+        self.post_init()
+
+    def embed(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings of `input_ids`, with image features at the (negative-id) image positions."""
+        image_mask = input_ids < 0
+        embeds = self.embed_tokens(input_ids.clamp(min=0))
+        n_positions = int(image_mask.sum())
+        if n_positions == 0:
+            return embeds
+        if pixel_values is None or image_sizes is None:
+            raise ValueError(
+                f"input_ids hold {n_positions} image-token positions but no pixel_values/image_sizes were "
+                "given: pass the processor's pixel_values and image_sizes with its input_ids."
+            )
+        features = self.vision_embed_tokens(pixel_values, image_sizes)
+        if features.shape[0] != n_positions:
+            raise ValueError(
+                f"input_ids hold {n_positions} image-token positions but the {len(image_sizes)} images give "
+                f"{features.shape[0]} image features: input_ids, pixel_values and image_sizes must come from "
+                "one processor call (same images, same num_crops)."
+            )
+        embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), features.to(embeds.dtype))
+        return nn.functional.dropout(embeds, self.config.embd_pdrop, self.training)
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids, pixel_values, image_sizes)
+        return super().forward(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+
+
+class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):
+    """Phi-3-V with its language-model head: the class of the released checkpoints."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+
+    def __init__(self, config: Phi3VConfig):
+        super().__init__(config)
+        self.model = Phi3VModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def unused_parameter_names(self) -> list[str]:
+        """Names of the stored parameters that never take part in a forward pass (see `Phi3VImageEmbedding`)."""
+        unused = {id(p) for m in self.model.vision_embed_tokens.unused_vision_modules() for p in m.parameters()}
+        return [name for name, p in self.named_parameters() if id(p) in unused]
+
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> CausalLMOutputWithPast:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(n_images, num_crops + 1, 3, 336, 336)`, *optional*):
+            All images of the batch in order (sample by sample, image by image), as the processor returns them.
+        image_sizes (`torch.LongTensor` of shape `(n_images, 2)`, *optional*):
+            Padded (height, width) of each image, as the processor returns them.
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Target ids, -100 where no loss is taken; shifted inside the loss.
+        logits_to_keep (`int` or `torch.Tensor`, *optional*):
+            Compute logits for the last `int` positions only, or for the given positions.
+        """
+        outputs: BaseModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            image_sizes=image_sizes,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        cache: Cache | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        **kwargs,
+    ) -> dict:
+        # Phi-3's long-rope factors switch once the sequence passes `original_max_position_embeddings`; the cache
+        # built with the short factors is then stale and the whole sequence is run again (as transformers' Phi-3).
+        limit = self.config.original_max_position_embeddings
+        if cache is not None and input_ids.shape[1] > limit and cache.get_seq_length() <= limit:
+            cache = None
+            kwargs["next_sequence_length"] = None
+        model_inputs = super().prepare_inputs_for_generation(input_ids, cache=cache, **kwargs)
+        # Images are encoded whenever the step's input holds image positions: at prefill, and again if the
+        # cache was dropped above. Decoding steps reuse the cached keys and values.
+        step_ids = model_inputs.get("input_ids")
+        if step_ids is not None and bool((step_ids < 0).any()):
+            model_inputs["pixel_values"] = pixel_values
+            model_inputs["image_sizes"] = image_sizes
+        return model_inputs
+
+
+__all__ = ["Phi3VForCausalLM", "Phi3VModel", "Phi3VPreTrainedModel", "Phi3VImageEmbedding"]

@@ -1,0 +1,94 @@
+"""Auto classes resolve our native classes for official-layout and saved directories, without remote code; the
+processor's output feeds the model directly."""
+
+import json
+
+import torch
+from PIL import Image
+from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor
+
+from phi3v_recipes.model import Phi3VConfig, Phi3VForCausalLM, Phi3VProcessor
+from phi3v_recipes.model.tiny import TINY_NUM_IMG_TOKENS, build_tiny_processor, tiny_model_config
+
+OFFICIAL_PREPROCESSOR_CONFIG = {
+    "auto_map": {
+        "AutoImageProcessor": "image_processing_phi3_v.Phi3VImageProcessor",
+        "AutoProcessor": "processing_phi3_v.Phi3VProcessor",
+    },
+    "do_convert_rgb": True,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_processor_type": "Phi3VImageProcessor",
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "num_crops": 4,
+    "num_img_tokens": TINY_NUM_IMG_TOKENS,
+    "processor_class": "Phi3VProcessor",
+}
+
+
+def official_layout_checkpoint(path) -> Phi3VForCausalLM:
+    """A tiny checkpoint laid out like the hub's: remote-code auto_map, rope `su`, flash attention recorded,
+    bf16 dtype, an official-style preprocessor_config.json and a tokenizer without processor files."""
+    torch.manual_seed(0)
+    model = Phi3VForCausalLM._from_config(tiny_model_config())
+    model.save_pretrained(path)
+    build_tiny_processor().tokenizer.save_pretrained(path)
+    config = json.loads((path / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    config.update(
+        auto_map={
+            "AutoConfig": "configuration_phi3_v.Phi3VConfig",
+            "AutoModelForCausalLM": "modeling_phi3_v.Phi3VForCausalLM",
+        },
+        _attn_implementation="flash_attention_2",
+        rope_theta=rope["rope_theta"],
+        rope_scaling={"type": "su", "long_factor": [1.0] * 8, "short_factor": [1.0] * 8},
+        torch_dtype="float32",
+    )
+    config.pop("dtype", None)
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "preprocessor_config.json").write_text(json.dumps(OFFICIAL_PREPROCESSOR_CONFIG))
+    return model
+
+
+def test_auto_classes_load_an_official_layout_directory_without_remote_code(tmp_path):
+    """AutoConfig, AutoModelForCausalLM and AutoProcessor return our classes for a directory whose files point
+    at remote code, with every tensor loaded and no trust_remote_code."""
+    original = official_layout_checkpoint(tmp_path)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), Phi3VConfig)
+    model, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert type(model) is Phi3VForCausalLM
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert model.config.rope_parameters["rope_type"] == "longrope"
+    for name, tensor in original.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+    processor = AutoProcessor.from_pretrained(tmp_path)
+    assert type(processor) is Phi3VProcessor
+    assert processor.image_processor.num_crops == 4
+
+
+def test_processor_output_feeds_the_model_and_batches_match_single_samples():
+    """A right-padded processor batch (2 images, 1 image, text only) through the model gives each sample the
+    logits it gets alone (fp32, tolerance 1e-5), and generation decodes."""
+    processor = build_tiny_processor(num_crops=2, num_img_tokens=TINY_NUM_IMG_TOKENS)
+    torch.manual_seed(0)
+    model = Phi3VForCausalLM._from_config(tiny_model_config(), attn_implementation="sdpa").eval()
+    red, blue = Image.new("RGB", (500, 300), (220, 20, 20)), Image.new("RGB", (200, 600), (20, 20, 220))
+    chat = processor.tokenizer.apply_chat_template
+    prompts = [
+        chat([{"role": "user", "content": "<|image_1|><|image_2|>\nSame colour?"}], tokenize=False,
+             add_generation_prompt=True),
+        chat([{"role": "user", "content": "<|image_1|>\nWhat colour?"}], tokenize=False, add_generation_prompt=True),
+        chat([{"role": "user", "content": "Say hi."}], tokenize=False, add_generation_prompt=True),
+    ]
+    images = [[red, blue], [blue], []]
+    batch = processor(prompts, images=images)
+    with torch.no_grad():
+        logits = model(**batch).logits
+        for row, (prompt, imgs) in enumerate(zip(prompts, images, strict=True)):
+            alone = processor(prompt, images=imgs or None)
+            n = alone["input_ids"].shape[1]
+            assert torch.equal(batch["input_ids"][row, :n], alone["input_ids"][0])
+            torch.testing.assert_close(logits[row, :n], model(**alone).logits[0], rtol=0, atol=1e-5)
+        left = processor(prompts, images=images, padding_side="left")
+        out = model.generate(**left, max_new_tokens=3, do_sample=False)
+    assert len(processor.batch_decode(out[:, left["input_ids"].shape[1]:])) == 3

@@ -321,6 +321,8 @@ def test_save_pretrained_from_pretrained_is_bit_identical(model, tmp_path):
         loaded, info = loader.from_pretrained(tmp_path, output_loading_info=True, attn_implementation=attention)
         assert type(loaded) is Phi3VForCausalLM
         assert loaded.config._attn_implementation == loaded.config.vision_config._attn_implementation == attention
+        frozen = {n for n, p in loaded.named_parameters() if not p.requires_grad}
+        assert frozen == set(model.unused_parameter_names())  # loading re-freezes the never-run CLIP layers
         assert not info["missing_keys"] and not info["unexpected_keys"], info
         original = model.state_dict()
         for name, tensor in loaded.state_dict().items():

@@ -87,8 +87,11 @@ class Phi3VImageEmbedding(nn.Module):
         self.img_projection = nn.Sequential(
             nn.Linear(dim, config.hidden_size), nn.GELU(), nn.Linear(config.hidden_size, config.hidden_size)
         )
-        # CLIP layers past the feature layer, and CLIP's post-layernorm, are stored in the checkpoints but never
-        # run: freeze them so that no optimizer, DDP bucket or LoRA target waits for their gradients.
+        self.freeze_unused()
+
+    def freeze_unused(self) -> None:
+        """CLIP layers past the feature layer, and CLIP's post-layernorm, are stored in the checkpoints but never
+        run: frozen, no optimizer, DDP bucket or LoRA target waits for their gradients."""
         for module in self.unused_vision_modules():
             module.requires_grad_(False)
 
@@ -155,6 +158,15 @@ class Phi3VPreTrainedModel(Phi3PreTrainedModel):
     config_class = Phi3VConfig
     input_modalities = ("image", "text")
     _no_split_modules = ["Phi3DecoderLayer", "CLIPEncoderLayer"]
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        loaded = super().from_pretrained(*args, **kwargs)
+        # Loading creates fresh parameters (requires_grad=True): freeze the never-run CLIP layers again.
+        for module in (loaded[0] if isinstance(loaded, tuple) else loaded).modules():
+            if isinstance(module, Phi3VImageEmbedding):
+                module.freeze_unused()
+        return loaded
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)

@@ -1,0 +1,172 @@
+"""Configuration checks and resolvers: a composed config is validated before anything heavy happens.
+
+A contradictory or impossible configuration stops with one sentence that says what to change (`ConfigError`),
+never a traceback from deep inside a library.
+"""
+
+import importlib.util
+import os
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+STRATEGIES = ("full", "frozen_vision", "lora", "qlora")
+PRECISIONS = ("bf16", "fp16", "fp32")
+ATTENTION = ("eager", "sdpa", "flash_attention_2")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message says what to change."""
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", 0))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def run_stamp() -> str:
+    """A timestamp naming the run directory, identical on every rank of one torchrun launch.
+
+    Ranks start at slightly different times, so under torchrun the stamp is the start time of the launcher
+    (the parent process all local ranks share); PHI3V_RUN_STAMP overrides it. Across several nodes nothing is
+    shared: `validate` then asks for an explicit run.output_dir.
+    """
+    if stamp := os.environ.get("PHI3V_RUN_STAMP"):
+        return stamp
+    started = time.time()
+    if "LOCAL_RANK" in os.environ:
+        try:
+            import psutil
+
+            started = psutil.Process(os.getppid()).create_time()
+        except Exception:  # noqa: BLE001 - fall back to now; validate() still guards multi-node runs
+            pass
+    return time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(started))
+
+
+def register_resolvers() -> None:
+    """Resolvers the yaml files use (safe to call more than once)."""
+    resolvers = {
+        "phi3v_stamp": lambda: run_stamp(),
+        "phi3v_rank_zero": lambda value: value if rank() == 0 else None,
+        "phi3v_log_file": lambda: "train.log" if rank() == 0 else f"train.rank{rank()}.log",
+        "multiply": lambda a, b: a * b,
+    }
+    for name, fn in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            # Cached: every job of a sweep, and every later resolution, sees the same stamp.
+            OmegaConf.register_new_resolver(name, fn, use_cache=name == "phi3v_stamp")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def uses_deepspeed(cfg: DictConfig) -> bool:
+    return bool(cfg.strategy.get("deepspeed")) and bool(cfg.hardware.deepspeed)
+
+
+def gradient_accumulation(cfg: DictConfig, world: int) -> int:
+    per_step = world * cfg.train.batch_size
+    _require(
+        cfg.train.global_batch_size % per_step == 0,
+        f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by world size {world} x "
+        f"train.batch_size={cfg.train.batch_size}; pick a global batch that is a multiple of {per_step}.",
+    )
+    return cfg.train.global_batch_size // per_step
+
+
+def validate(cfg: DictConfig, world: int | None = None) -> None:
+    """Raise ConfigError for any setting that cannot run here; return quietly otherwise."""
+    world = world_size() if world is None else world
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as err:
+        raise ConfigError(f"{err.full_key} is required for task={cfg.task.name}; set it on the command line "
+                          f"({err.full_key}=...).") from None
+    model, hardware, strategy = cfg.model, cfg.hardware, cfg.strategy
+    _require(strategy.name in STRATEGIES, f"strategy={strategy.name} is unknown; choose one of {STRATEGIES}.")
+    _require(hardware.precision in PRECISIONS, f"hardware.precision={hardware.precision}: choose one of {PRECISIONS}.")
+    _require(
+        model.attn_implementation in ATTENTION,
+        f"model.attn_implementation={model.attn_implementation}: choose one of {ATTENTION}.",
+    )
+    _require(1 <= cfg.data.num_crops <= 16, f"data.num_crops={cfg.data.num_crops}: choose 1 to 16.")
+    _require(cfg.data.on_error in ("raise", "skip"), f"data.on_error={cfg.data.on_error}: choose raise or skip.")
+    _require(cfg.train.batch_size >= 1 and cfg.eval.batch_size >= 1, "train.batch_size and eval.batch_size must be >= 1.")
+    gradient_accumulation(cfg, world)
+    flash = model.attn_implementation == "flash_attention_2"
+    _require(
+        not (flash and hardware.precision == "fp16"),
+        f"flash attention cannot run with fp16 mixed precision (hardware={hardware.name}); set "
+        "model.attn_implementation=sdpa, or use bf16 on a GPU that has it (hardware=a100 or h100).",
+    )
+    _require(
+        not flash or model.dtype in ("bfloat16", "float16"),
+        f"flash attention needs half-precision weights, but model.dtype={model.dtype}; set model.dtype=bfloat16 "
+        "or model.attn_implementation=sdpa.",
+    )
+    _require(
+        not flash or importlib.util.find_spec("flash_attn") is not None,
+        "flash attention is requested but flash-attn is not installed; pip install 'phi3v-recipes[flash]' (GPU "
+        "only), or set model.attn_implementation=sdpa.",
+    )
+    if hardware.name != "cpu":
+        import torch
+
+        _require(
+            torch.cuda.is_available(),
+            f"hardware={hardware.name} needs a CUDA GPU and none is visible; use hardware=cpu on this machine.",
+        )
+    if strategy.get("quantization"):
+        try:
+            import bitsandbytes  # noqa: F401
+        except Exception as err:  # noqa: BLE001 - any failure means 4-bit cannot run here
+            raise ConfigError(
+                f"strategy={strategy.name} needs bitsandbytes, which cannot run here ({type(err).__name__}: {err}); "
+                "pip install 'phi3v-recipes[qlora]', or use strategy=lora."
+            ) from None
+    if uses_deepspeed(cfg):
+        _require(
+            importlib.util.find_spec("deepspeed") is not None,
+            f"strategy={strategy.name} on hardware={hardware.name} uses DeepSpeed ZeRO-2, which is not installed; "
+            "pip install 'phi3v-recipes[deepspeed]', or set hardware.deepspeed=false for plain DDP.",
+        )
+    if strategy.get("lora"):
+        _require(strategy.lora.rank >= 1, f"strategy.lora.rank={strategy.lora.rank} must be >= 1.")
+    nodes = world // int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    _require(
+        nodes <= 1 or "PHI3V_RUN_STAMP" in os.environ or _explicit_output_dir(cfg),
+        "a run over several nodes needs one run directory on all of them: set run.output_dir=<shared path>.",
+    )
+
+
+def _explicit_output_dir(cfg: DictConfig) -> bool:
+    """True when the user chose run.output_dir (the default embeds the launch stamp)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = HydraConfig.get().overrides.task
+    except ValueError:
+        return True
+    return any(o.split("=", 1)[0].lstrip("+") == "run.output_dir" for o in overrides)
+
+
+def output_dir(cfg: DictConfig) -> Path:
+    """The run directory: run.output_dir, or in a sweep the job's own directory."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            return Path(hydra_cfg.runtime.output_dir)
+    except ValueError:
+        pass
+    return Path(cfg.run.output_dir)

@@ -1,0 +1,1 @@
+"""Converters that turn public datasets into the recipes' jsonl + images layout."""

@@ -1,0 +1,100 @@
+"""Chat template and loss mask: one conversation -> `input_ids`, `labels`, `pixel_values`, `image_sizes`.
+
+Layout, for turns k = 1..K (the Phi-3-V chat format, as the processor tokenizes it):
+
+    <|user|>\\n{images of turn k}{user text}<|end|>\\n<|assistant|>\\n   labels -100 (prompt, image tokens, template)
+    {assistant text}<|end|>\\n                                          labels = ids (trained)
+    ... next turn ...
+    <|endoftext|>                                                      labels = id (trained)
+
+The prompt of each turn goes through the processor (BOS before every text chunk, `-N` runs for image N); only
+the first turn keeps its leading BOS, so the whole conversation reads as one. Images are numbered across the
+conversation: a turn without tags in its text gets `<|image_i|>...<|image_j|>\\n` for its own images in front; a
+turn whose text has tags must use exactly its images' numbers, in order. Evaluation prompts are built by the
+same function, so training and generation see the same tokens.
+"""
+
+import re
+from typing import Any
+
+import torch
+
+from phi3v_recipes.data.sample import Sample, SampleError, load_image
+from phi3v_recipes.model.processing_phi3v import END_TOKEN, ENDOFTEXT_TOKEN, IMAGE_TAG_PATTERN, image_tag
+
+IGNORE_INDEX = -100
+
+_TAG_NUMBER = re.compile(r"<\|image_(\d+)\|>")
+
+
+def user_content(sample: Sample, turn_index: int) -> str:
+    """The user message of a turn with its image tags (numbered across the conversation)."""
+    first = 1 + sum(len(t.images) for t in sample.turns[:turn_index])
+    turn = sample.turns[turn_index]
+    numbers = list(range(first, first + len(turn.images)))
+    found = [int(n) for n in _TAG_NUMBER.findall(turn.user)]
+    if not found:
+        return "".join(image_tag(n) for n in numbers) + ("\n" if numbers else "") + turn.user
+    if found != numbers:
+        raise SampleError(
+            f"{sample.where}: turn {turn_index + 1} has image tags {found} but carries images {numbers}; "
+            "number the tags 1..n across the conversation, once each, in order (or leave them out)."
+        )
+    return turn.user
+
+
+def prompt_text(processor: Any, content: str) -> str:
+    """`<|user|>\\n{content}<|end|>\\n<|assistant|>\\n` through the tokenizer's chat template."""
+    messages = [{"role": "user", "content": content}]
+    return processor.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def generation_prompt(sample: Sample, processor: Any) -> tuple[str, list]:
+    """The first turn as a generation prompt (text, images): what evaluation and prediction feed `generate`."""
+    images = [load_image(ref, sample) for ref in sample.turns[0].images]
+    return prompt_text(processor, user_content(sample, 0)), images
+
+
+def encode_sample(sample: Sample, processor: Any, max_length: int | None = None) -> dict[str, torch.Tensor]:
+    """Token ids, labels and pixels of a whole conversation (see the module docstring for the layout)."""
+    tokenizer = processor.tokenizer
+    ids: list[int] = []
+    labels: list[int] = []
+    pixels, sizes = [], []
+    seen_images = 0
+    for k, turn in enumerate(sample.turns):
+        content = user_content(sample, k)
+        # The processor numbers a call's images from 1: renumber this turn's tags locally, shift ids back.
+        local = _TAG_NUMBER.sub(lambda m, shift=seen_images: image_tag(int(m.group(1)) - shift), content)
+        images = [load_image(ref, sample) for ref in turn.images]
+        try:
+            out = processor(prompt_text(processor, local), images=images or None, return_tensors="pt")
+        except ValueError as err:
+            raise SampleError(f"{sample.where}: turn {k + 1}: {err}") from None
+        prompt = out["input_ids"][0]
+        prompt = torch.where(prompt < 0, prompt - seen_images, prompt).tolist()
+        if k > 0 and prompt and prompt[0] == tokenizer.bos_token_id:
+            prompt = prompt[1:]
+        answer = tokenizer(turn.assistant + END_TOKEN + "\n", add_special_tokens=False).input_ids
+        ids += prompt + answer
+        labels += [IGNORE_INDEX] * len(prompt) + answer
+        if images:
+            pixels.append(out["pixel_values"])
+            sizes.append(out["image_sizes"])
+        seen_images += len(images)
+    end = tokenizer.convert_tokens_to_ids(ENDOFTEXT_TOKEN)
+    ids.append(end)
+    labels.append(end)
+    if max_length is not None and len(ids) > max_length:
+        raise SampleError(
+            f"{sample.where}: {len(ids)} tokens (image tokens included) exceed data.max_length={max_length}; "
+            "raise data.max_length, lower data.num_crops, or set data.on_error=skip to drop such samples."
+        )
+    encoded = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
+    if pixels:
+        encoded["pixel_values"] = torch.cat(pixels)
+        encoded["image_sizes"] = torch.cat(sizes)
+    return encoded
+
+
+__all__ = ["IGNORE_INDEX", "IMAGE_TAG_PATTERN", "encode_sample", "generation_prompt", "user_content"]

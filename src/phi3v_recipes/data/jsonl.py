@@ -1,0 +1,65 @@
+"""The seed's jsonl format, how users bring their own data.
+
+One JSON object per line:
+
+    {"id": "val-0000000300", "source": "ucf101",
+     "conversations": [{"images": ["val/BabyCrawling/v_BabyCrawling_g21_c04.0.jpg", ...],
+                        "user": "Classify the video ...", "assistant": "BabyCrawling"},
+                       {"user": "Are you sure?", "assistant": "Yes"}]}
+
+Image paths are relative to an image root; any number of images and turns; later turns may carry no images.
+An optional "references" list gives every answer accepted for the first turn at evaluation.
+"""
+
+import json
+from pathlib import Path
+
+from phi3v_recipes.data.sample import Sample, Turn
+
+
+def _parse_row(row: object, where: str, image_root: Path) -> Sample:
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: a line must hold a JSON object, got {type(row).__name__}.")
+    if "id" not in row:
+        raise ValueError(f"{where}: missing 'id'.")
+    conversations = row.get("conversations")
+    if not isinstance(conversations, list) or not conversations:
+        raise ValueError(f"{where} (id {row['id']}): 'conversations' must be a non-empty list of turns.")
+    turns = []
+    for k, turn in enumerate(conversations, start=1):
+        if not isinstance(turn, dict) or not isinstance(turn.get("user"), str) or not isinstance(
+            turn.get("assistant"), str
+        ):
+            raise ValueError(f"{where} (id {row['id']}): turn {k} needs string 'user' and 'assistant' fields.")
+        images = turn.get("images", [])
+        if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+            raise ValueError(f"{where} (id {row['id']}): turn {k}: 'images' must be a list of paths.")
+        turns.append(Turn(user=turn["user"], assistant=turn["assistant"], images=tuple(image_root / p for p in images)))
+    references = row.get("references", [])
+    if not isinstance(references, list) or not all(isinstance(r, str) for r in references):
+        raise ValueError(f"{where} (id {row['id']}): 'references' must be a list of strings.")
+    return Sample(id=str(row["id"]), turns=turns, references=references, origin=where)
+
+
+def read_jsonl(path: str | Path, image_root: str | Path | None = None) -> tuple[list[Sample], list[str]]:
+    """(samples, problems): every line that parses into a sample, and a message per line that does not.
+
+    `image_root` defaults to the directory of the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: check the task's data file setting.")
+    root = Path(image_root) if image_root is not None else path.parent
+    samples, problems = [], []
+    with path.open(encoding="utf-8") as lines:
+        for lineno, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                samples.append(_parse_row(json.loads(line), where, root))
+            except json.JSONDecodeError as err:
+                problems.append(f"{where}: not valid JSON ({err.msg} at column {err.colno}).")
+            except ValueError as err:
+                problems.append(str(err))
+    return samples, problems

@@ -1,0 +1,90 @@
+"""Generation-based evaluation: greedy answers to each sample's first turn, scored by the task's metric.
+
+Batched (left padding), sharded across ranks (rank r takes samples r, r + world, ...) and gathered on rank 0,
+which scores them and writes `<name>_predictions.jsonl` (id, prediction, references, score) next to the metric.
+"""
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from phi3v_recipes.data.encode import generation_prompt
+from phi3v_recipes.data.sample import Sample
+from phi3v_recipes.metrics import METRICS, per_sample_scores
+from phi3v_recipes.model.processing_phi3v import END_TOKEN, ENDOFTEXT_TOKEN
+
+
+def stop_token_ids(processor: Any, model: torch.nn.Module) -> list[int]:
+    """Generation stops at `<|end|>`, `<|endoftext|>` and the model's own eos."""
+    ids = set(processor.tokenizer.convert_tokens_to_ids([END_TOKEN, ENDOFTEXT_TOKEN]))
+    eos = model.generation_config.eos_token_id
+    ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return sorted(ids)
+
+
+@torch.no_grad()
+def generate_answers(
+    model: torch.nn.Module, processor: Any, samples: Sequence[Sample], batch_size: int, max_new_tokens: int,
+    show_progress: bool = True,
+) -> list[str]:
+    """Greedy answers to the first turn of each sample, in order."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    answers: list[str] = []
+    stops = stop_token_ids(processor, model)
+    batches = range(0, len(samples), batch_size)
+    for start in tqdm(batches, desc="generating", disable=not show_progress, leave=False):
+        prompts, images = zip(*(generation_prompt(s, processor) for s in samples[start : start + batch_size]),
+                              strict=True)
+        inputs = processor(list(prompts), images=list(images), padding_side="left").to(device)
+        output = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=stops,
+            pad_token_id=processor.tokenizer.pad_token_id,
+        )
+        answers += processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    model.train(was_training)
+    return [a.strip() for a in answers]
+
+
+def evaluate(
+    model: torch.nn.Module,
+    processor: Any,
+    samples: Sequence[Sample],
+    metric: str,
+    batch_size: int,
+    max_new_tokens: int,
+    predictions_file: Path | None = None,
+) -> float | None:
+    """The metric over `samples` (every rank calls this; the score is returned on every rank)."""
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    mine = list(samples[rank::world])
+    answers = generate_answers(model, processor, mine, batch_size, max_new_tokens, show_progress=rank == 0)
+    if distributed:
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, answers)
+    else:
+        gathered = [answers]
+    predictions = [None] * len(samples)
+    for r, part in enumerate(gathered):
+        predictions[r::world] = part
+    references = [s.answers for s in samples]
+    score = METRICS[metric](predictions, references)
+    if rank == 0 and predictions_file is not None:
+        scores = per_sample_scores(metric, predictions, references)
+        tmp = predictions_file.with_suffix(".tmp")
+        with tmp.open("w", encoding="utf-8") as out:
+            for sample, prediction, refs, s in zip(samples, predictions, references, scores, strict=True):
+                out.write(json.dumps({"id": sample.id, "prediction": prediction, "references": refs, "score": s}))
+                out.write("\n")
+        tmp.replace(predictions_file)
+    return score

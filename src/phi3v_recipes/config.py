@@ -55,6 +55,7 @@ def register_resolvers() -> None:
         "phi3v_stamp": lambda: run_stamp(),
         "phi3v_rank_zero": lambda value: value if rank() == 0 else None,
         "phi3v_log_file": lambda: "train.log" if rank() == 0 else f"train.rank{rank()}.log",
+        "phi3v_console_level": lambda: "INFO" if rank() == 0 else "WARNING",
         "multiply": lambda a, b: a * b,
     }
     for name, fn in resolvers.items():

@@ -52,6 +52,10 @@ def compose_config(*overrides: str):
         return compose(config_name="config", overrides=list(overrides))
 
 
-@pytest.fixture
-def compose_cfg():
-    return compose_config
+@pytest.fixture(scope="session")
+def default_demo(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """README's main job, run once per session: `python -m phi3v_recipes` with no task options."""
+    root = tmp_path_factory.mktemp("default_demo")
+    out = run_cli([f"run.output_dir={root / 'run'}"], cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out, root / "run"

@@ -102,6 +102,33 @@ def validate(cfg: DictConfig, world: int | None = None) -> None:
     _require(cfg.data.on_error in ("raise", "skip"), f"data.on_error={cfg.data.on_error}: choose raise or skip.")
     _require(cfg.train.batch_size >= 1 and cfg.eval.batch_size >= 1, "train.batch_size and eval.batch_size must be >= 1.")
     gradient_accumulation(cfg, world)
+    check_hardware(cfg)
+    if strategy.get("quantization"):
+        try:
+            import bitsandbytes  # noqa: F401
+        except Exception as err:  # noqa: BLE001 - any failure means 4-bit cannot run here
+            raise ConfigError(
+                f"strategy={strategy.name} needs bitsandbytes, which cannot run here ({type(err).__name__}: {err}); "
+                "pip install 'phi3v-recipes[qlora]', or use strategy=lora."
+            ) from None
+    if uses_deepspeed(cfg):
+        _require(
+            importlib.util.find_spec("deepspeed") is not None,
+            f"strategy={strategy.name} on hardware={hardware.name} uses DeepSpeed ZeRO-2, which is not installed; "
+            "pip install 'phi3v-recipes[deepspeed]', or set hardware.deepspeed=false for plain DDP.",
+        )
+    if strategy.get("lora"):
+        _require(strategy.lora.rank >= 1, f"strategy.lora.rank={strategy.lora.rank} must be >= 1.")
+    nodes = world // int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    _require(
+        nodes <= 1 or "PHI3V_RUN_STAMP" in os.environ or _explicit_output_dir(cfg),
+        "a run over several nodes needs one run directory on all of them: set run.output_dir=<shared path>.",
+    )
+
+
+def check_hardware(cfg: DictConfig) -> None:
+    """Attention, precision and device settings that this machine can run (training and inference)."""
+    model, hardware = cfg.model, cfg.hardware
     flash = model.attn_implementation == "flash_attention_2"
     _require(
         not (flash and hardware.precision == "fp16"),
@@ -125,27 +152,6 @@ def validate(cfg: DictConfig, world: int | None = None) -> None:
             torch.cuda.is_available(),
             f"hardware={hardware.name} needs a CUDA GPU and none is visible; use hardware=cpu on this machine.",
         )
-    if strategy.get("quantization"):
-        try:
-            import bitsandbytes  # noqa: F401
-        except Exception as err:  # noqa: BLE001 - any failure means 4-bit cannot run here
-            raise ConfigError(
-                f"strategy={strategy.name} needs bitsandbytes, which cannot run here ({type(err).__name__}: {err}); "
-                "pip install 'phi3v-recipes[qlora]', or use strategy=lora."
-            ) from None
-    if uses_deepspeed(cfg):
-        _require(
-            importlib.util.find_spec("deepspeed") is not None,
-            f"strategy={strategy.name} on hardware={hardware.name} uses DeepSpeed ZeRO-2, which is not installed; "
-            "pip install 'phi3v-recipes[deepspeed]', or set hardware.deepspeed=false for plain DDP.",
-        )
-    if strategy.get("lora"):
-        _require(strategy.lora.rank >= 1, f"strategy.lora.rank={strategy.lora.rank} must be >= 1.")
-    nodes = world // int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    _require(
-        nodes <= 1 or "PHI3V_RUN_STAMP" in os.environ or _explicit_output_dir(cfg),
-        "a run over several nodes needs one run directory on all of them: set run.output_dir=<shared path>.",
-    )
 
 
 def _explicit_output_dir(cfg: DictConfig) -> bool:

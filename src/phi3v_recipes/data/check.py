@@ -3,31 +3,57 @@
 `count_tokens` measures a sample exactly as `encode_sample` lays it out, from image sizes alone (no HD transform),
 so the whole dataset can be checked in one cheap pass. `screen` applies `data.on_error`: `raise` stops with the
 first problems listed; `skip` drops the bad samples, counts them and returns them for the run's skip report.
+
+As a command, it checks a jsonl file before any training and lists every problem, one per line:
+
+    python -m phi3v_recipes.data.check train.jsonl [--image_root DIR] [--num_crops 16] [--max_length 4096]
+                                                   [--model tiny|<processor dir or hub id>]
+
+Problems: lines that are not JSON, missing or mistyped fields, missing or unreadable images, image tags in a
+turn's text that do not match its images, and samples longer than --max_length. The exit status is 1 when
+anything is wrong, 0 otherwise (2 when the file or the processor cannot be opened). Token counts need a
+processor: the default `tiny` one counts image tokens exactly as Phi-3-V does (144 per crop, the HD layout of
+--num_crops), but its small tokenizer only approximates the text tokens; `--model` with a real processor (a
+model directory, or a hub id in the local cache) gives the exact counts that `data.max_length` compares.
 """
 
+import argparse
 import re
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from phi3v_recipes.data.encode import prompt_text, user_content
+from phi3v_recipes.data.jsonl import read_jsonl
 from phi3v_recipes.data.sample import Sample, SampleError, load_image
 from phi3v_recipes.model.processing_phi3v import END_TOKEN, IMAGE_TAG_PATTERN
 
 MAX_LISTED = 10
 
 
-def count_tokens(sample: Sample, processor: Any) -> int:
-    """Length of `encode_sample(sample, processor)["input_ids"]`, image tokens included; raises SampleError."""
+def count_tokens(sample: Sample, processor: Any, images: Sequence[Sequence[Any]] | None = None) -> int:
+    """Length of `encode_sample(sample, processor)["input_ids"]`, image tokens included; raises SampleError.
+
+    `images`, when given, are the turns' images already loaded (one list per turn), so they are not read twice.
+    """
     tokenizer = processor.tokenizer
     total = 1  # the closing <|endoftext|>
     for k, turn in enumerate(sample.turns):
         chunks = re.split(IMAGE_TAG_PATTERN, prompt_text(processor, user_content(sample, k)))
         total += sum(len(ids) for ids in tokenizer(chunks).input_ids) - (1 if k > 0 else 0)
-        for ref in turn.images:
-            image = load_image(ref, sample)
+        loaded = images[k] if images is not None else [load_image(ref, sample) for ref in turn.images]
+        for image in loaded:
             total += processor.num_image_tokens_for(image)
         total += len(tokenizer(turn.assistant + END_TOKEN + "\n", add_special_tokens=False).input_ids)
     return total
+
+
+def _too_long(sample: Sample, n_tokens: int, max_length: int) -> str:
+    return (
+        f"{sample.where}: {n_tokens} tokens (image tokens included) exceed data.max_length={max_length}; "
+        "raise data.max_length, lower data.num_crops, or set data.on_error=skip to drop such samples."
+    )
 
 
 def check_sample(sample: Sample, processor: Any, max_length: int | None) -> int:
@@ -39,11 +65,40 @@ def check_sample(sample: Sample, processor: Any, max_length: int | None) -> int:
             raise SampleError(f"{sample.where}: turn {k + 1} needs string 'user' and 'assistant' texts.")
     n_tokens = count_tokens(sample, processor)
     if max_length is not None and n_tokens > max_length:
-        raise SampleError(
-            f"{sample.where}: {n_tokens} tokens (image tokens included) exceed data.max_length={max_length}; "
-            "raise data.max_length, lower data.num_crops, or set data.on_error=skip to drop such samples."
-        )
+        raise SampleError(_too_long(sample, n_tokens, max_length))
     return n_tokens
+
+
+def sample_problems(sample: Sample, processor: Any, max_length: int | None) -> tuple[int | None, list[str]]:
+    """(token count or None, every problem of the sample): unlike `check_sample`, it does not stop at the
+    first one: each turn's texts and image tags and each image are checked, then the length of a sound sample."""
+    if not sample.turns:
+        return None, [f"{sample.where}: the conversation has no turns."]
+    problems: list[str] = []
+    images: list[list[Any]] = []
+    for k, turn in enumerate(sample.turns):
+        images.append([])
+        if not isinstance(turn.user, str) or not isinstance(turn.assistant, str):
+            problems.append(f"{sample.where}: turn {k + 1} needs string 'user' and 'assistant' texts.")
+            continue
+        try:
+            user_content(sample, k)
+        except SampleError as err:
+            problems.append(str(err))
+        for ref in turn.images:
+            try:
+                images[k].append(load_image(ref, sample))
+            except SampleError as err:
+                problems.append(str(err))
+    if problems:
+        return None, problems
+    try:
+        n_tokens = count_tokens(sample, processor, images)
+    except SampleError as err:
+        return None, [str(err)]
+    if max_length is not None and n_tokens > max_length:
+        return n_tokens, [_too_long(sample, n_tokens, max_length)]
+    return n_tokens, []
 
 
 def screen(
@@ -68,3 +123,73 @@ def screen(
             f"{len(problems)} bad sample(s); fix them, or set data.on_error=skip to drop them:\n  {listed}{more}"
         )
     return kept, problems
+
+
+def _line_of(message: str, path: Path) -> int:
+    """The line number a problem message about `path` starts with (0 when it names none)."""
+    match = re.match(re.escape(str(path)) + r":(\d+)", message)
+    return int(match.group(1)) if match else 0
+
+
+def _processor(model: str, num_crops: int) -> Any:
+    if model == "tiny":
+        from phi3v_recipes.model.tiny import build_tiny_processor
+
+        return build_tiny_processor(num_crops=num_crops)
+    from phi3v_recipes.loading import load_processor
+
+    return load_processor(model, num_crops)
+
+
+def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) -> int:
+    """Check a jsonl file; print every problem (file:line, id, what is wrong) and a summary. Exit status:
+    0 when every sample is usable, 1 when any problem was found, 2 when the file or processor cannot be opened."""
+    parser = argparse.ArgumentParser(
+        prog="python -m phi3v_recipes.data.check",
+        description="Check a jsonl dataset in the seed's format before training; list every problem.",
+    )
+    parser.add_argument("jsonl", type=Path, help="the jsonl file to check")
+    parser.add_argument("--image_root", type=Path, default=None,
+                        help="image paths are relative to this (default: the directory of the jsonl file)")
+    parser.add_argument("--num_crops", type=int, default=16, help="HD crops per image, as data.num_crops (1-16)")
+    parser.add_argument("--max_length", type=int, default=None,
+                        help="report samples longer than this many tokens, as data.max_length")
+    parser.add_argument("--model", default="tiny",
+                        help="processor counting the tokens: tiny (exact image tokens, approximate text tokens), "
+                             "or a model directory / hub id for exact counts")
+    args = parser.parse_args(argv)
+    if not 1 <= args.num_crops <= 16:
+        parser.error(f"--num_crops={args.num_crops}: choose 1 to 16")
+    try:
+        samples, parse_problems = read_jsonl(args.jsonl, args.image_root)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        processor = _processor(args.model, args.num_crops)
+    except (OSError, ValueError) as err:
+        print(f"error: cannot load a processor from --model {args.model} ({err}); use --model tiny or a local "
+              "model directory.", file=sys.stderr)
+        return 2
+
+    problems = [(_line_of(p, args.jsonl), p) for p in parse_problems]
+    lengths: list[tuple[int, str]] = []
+    for sample in samples:
+        n_tokens, found = sample_problems(sample, processor, args.max_length)
+        problems += [(_line_of(sample.origin, args.jsonl), p) for p in found]
+        if n_tokens is not None and not found:
+            lengths.append((n_tokens, sample.id))
+    for _, problem in sorted(problems, key=lambda item: item[0]):
+        out(problem)
+    if lengths:
+        longest = max(lengths)
+        mean = sum(n for n, _ in lengths) / len(lengths)
+        out(f"tokens per usable sample ({args.model} processor, num_crops {args.num_crops}): min {min(lengths)[0]}, "
+            f"mean {mean:.0f}, max {longest[0]} (id {longest[1]})")
+    total = len(samples) + len(parse_problems)
+    out(f"{total} samples, {len(problems)} problems")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

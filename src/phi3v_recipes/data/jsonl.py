@@ -17,7 +17,7 @@ from pathlib import Path
 from phi3v_recipes.data.sample import Sample, Turn
 
 
-def _parse_row(row: object, where: str, image_root: Path) -> Sample:
+def _parse_row(row: object, where: str, image_root: Path, require_answers: bool = True) -> Sample:
     if not isinstance(row, dict):
         raise ValueError(f"{where}: a line must hold a JSON object, got {type(row).__name__}.")
     if "id" not in row:
@@ -27,24 +27,28 @@ def _parse_row(row: object, where: str, image_root: Path) -> Sample:
         raise ValueError(f"{where} (id {row['id']}): 'conversations' must be a non-empty list of turns.")
     turns = []
     for k, turn in enumerate(conversations, start=1):
-        if not isinstance(turn, dict) or not isinstance(turn.get("user"), str) or not isinstance(
-            turn.get("assistant"), str
-        ):
+        # Without required answers (prediction), the last turn's reply is what the model writes.
+        needs_answer = require_answers or k < len(conversations)
+        answer = turn.get("assistant", None if needs_answer else "") if isinstance(turn, dict) else None
+        if not isinstance(turn, dict) or not isinstance(turn.get("user"), str) or not isinstance(answer, str):
             raise ValueError(f"{where} (id {row['id']}): turn {k} needs string 'user' and 'assistant' fields.")
         images = turn.get("images", [])
         if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
             raise ValueError(f"{where} (id {row['id']}): turn {k}: 'images' must be a list of paths.")
-        turns.append(Turn(user=turn["user"], assistant=turn["assistant"], images=tuple(image_root / p for p in images)))
+        turns.append(Turn(user=turn["user"], assistant=answer, images=tuple(image_root / p for p in images)))
     references = row.get("references", [])
     if not isinstance(references, list) or not all(isinstance(r, str) for r in references):
         raise ValueError(f"{where} (id {row['id']}): 'references' must be a list of strings.")
     return Sample(id=str(row["id"]), turns=turns, references=references, origin=where)
 
 
-def read_jsonl(path: str | Path, image_root: str | Path | None = None) -> tuple[list[Sample], list[str]]:
+def read_jsonl(
+    path: str | Path, image_root: str | Path | None = None, require_answers: bool = True
+) -> tuple[list[Sample], list[str]]:
     """(samples, problems): every line that parses into a sample, and a message per line that does not.
 
-    `image_root` defaults to the directory of the file.
+    `image_root` defaults to the directory of the file. `require_answers=False` lets the last turn of each
+    conversation leave out "assistant" (inputs to prediction).
     """
     path = Path(path)
     if not path.is_file():
@@ -57,7 +61,7 @@ def read_jsonl(path: str | Path, image_root: str | Path | None = None) -> tuple[
                 continue
             where = f"{path}:{lineno}"
             try:
-                samples.append(_parse_row(json.loads(line), where, root))
+                samples.append(_parse_row(json.loads(line.rstrip("\r\n")), where, root, require_answers))
             except json.JSONDecodeError as err:
                 problems.append(f"{where}: not valid JSON ({err.msg} at column {err.colno}).")
             except ValueError as err:

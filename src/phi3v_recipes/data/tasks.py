@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from phi3v_recipes.data import demo
+from phi3v_recipes.data.cauldron import load_cauldron, load_docvqa
 from phi3v_recipes.data.jsonl import read_jsonl
 from phi3v_recipes.data.sample import Sample
 
@@ -21,10 +22,17 @@ def load_demo(task: Any, split: str) -> Loaded:
 
 def load_jsonl(task: Any, split: str) -> Loaded:
     path = task.train_file if split == "train" else task.eval_file
+    if path is None:  # task.eval_file is optional: no evaluation
+        return [], []
     return read_jsonl(path, task.image_root)
 
 
-LOADERS: dict[str, Callable[[Any, str], Loaded]] = {"demo": load_demo, "jsonl": load_jsonl}
+LOADERS: dict[str, Callable[[Any, str], Loaded]] = {
+    "demo": load_demo,
+    "jsonl": load_jsonl,
+    "cauldron": load_cauldron,  # the_cauldron configs with a train/eval holdout: nlvr2, hateful_memes
+    "docvqa": load_docvqa,  # DocVQA: the_cauldron docvqa, or the seed's mini split
+}
 
 
 def load_split(task: Any, split: str) -> Loaded:

@@ -1,0 +1,57 @@
+"""`python -m phi3v_recipes.evaluate task=... model.name_or_path=<run dir or checkpoint>`: evaluate a trained
+model on the task's held-out samples, alone (no training).
+
+Batched, greedy, sharded across ranks under torchrun. Writes `eval_predictions.jsonl` and `eval_metrics.json`
+into run.output_dir and prints the score.
+"""
+
+import json
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from phi3v_recipes.config import ConfigError, check_hardware, output_dir, rank, register_resolvers
+from phi3v_recipes.data.sample import SampleError
+
+register_resolvers()
+
+
+def run(cfg: DictConfig) -> dict:
+    from phi3v_recipes.data.check import screen
+    from phi3v_recipes.data.tasks import load_split
+    from phi3v_recipes.evaluation import evaluate
+    from phi3v_recipes.inference import load_for_inference
+
+    check_hardware(cfg)
+    run_dir = output_dir(cfg)
+    model, processor = load_for_inference(cfg)
+    samples, problems = load_split(cfg.task, "eval")
+    samples, skipped = screen(samples, processor, cfg.data.max_length, cfg.data.on_error, problems)
+    if cfg.eval.max_samples is not None:
+        samples = samples[: cfg.eval.max_samples]
+    if not samples:
+        raise ConfigError(f"task={cfg.task.name} has no evaluation samples.")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    score = evaluate(model, processor, samples, cfg.task.metric, cfg.eval.batch_size, cfg.eval.max_new_tokens,
+                     run_dir / "eval_predictions.jsonl")
+    result = {"task": cfg.task.name, "model": cfg.model.name_or_path, "metric": cfg.task.metric, "score": score,
+              "samples": len(samples), "skipped_samples": len(skipped)}
+    if rank() == 0:
+        (run_dir / "eval_metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(f"{cfg.task.metric} of {cfg.model.name_or_path} on {len(samples)} {cfg.task.name} samples: "
+              f"{score:.4f}\npredictions: {run_dir / 'eval_predictions.jsonl'}", flush=True)
+    return result
+
+
+@hydra.main(version_base="1.3", config_path="pkg://phi3v_recipes.conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    try:
+        return run(cfg)["score"]
+    except (ConfigError, SampleError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""`python -m phi3v_recipes.predict model.name_or_path=<model> input=<in.jsonl> output=<out.jsonl>`: batch inference.
+
+Answers every conversation of a jsonl file in the seed's format (see data/jsonl.py): the prompt is the whole
+conversation, and the model writes the reply to its last user turn (whose "assistant" may be absent). Each answer
+goes to the output file as `{"id": ..., "answer": ...}` as soon as its batch is done, so an interrupted run loses
+at most one batch: run the same command again and it resumes after the ids already answered (a torn last line is
+dropped and redone).
+"""
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+from phi3v_recipes.config import ConfigError, check_hardware, register_resolvers
+from phi3v_recipes.data.sample import Sample, SampleError
+
+register_resolvers()
+
+
+def conversation_prompt(sample: Sample, processor: Any) -> tuple[str, list]:
+    """(chat-templated text of the whole conversation ending with the generation prompt, its images)."""
+    from phi3v_recipes.data.encode import user_content
+    from phi3v_recipes.data.sample import load_image
+
+    messages = []
+    for k, turn in enumerate(sample.turns):
+        messages.append({"role": "user", "content": user_content(sample, k)})
+        if k < len(sample.turns) - 1:
+            messages.append({"role": "assistant", "content": turn.assistant})
+    text = processor.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return text, [load_image(ref, sample) for turn in sample.turns for ref in turn.images]
+
+
+def answered_ids(output: Path) -> set[str]:
+    """Ids already in `output`; a torn last line (an interrupted write) is cut off."""
+    if not output.is_file():
+        return set()
+    data = output.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    if len(complete) != len(data):
+        output.write_bytes(complete)
+    return {json.loads(line)["id"] for line in complete.decode("utf-8").splitlines() if line.strip()}
+
+
+def run(cfg: DictConfig) -> int:
+    """Answer every unanswered conversation of cfg.input into cfg.output; return how many were answered now."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from phi3v_recipes.data.jsonl import read_jsonl
+    from phi3v_recipes.evaluation import stop_token_ids
+    from phi3v_recipes.inference import load_for_inference
+
+    if not cfg.get("input") or not cfg.get("output"):
+        raise ConfigError("predict needs input=<conversations.jsonl> and output=<answers.jsonl>.")
+    check_hardware(cfg)
+    samples, problems = read_jsonl(cfg.input, cfg.task.get("image_root"), require_answers=False)
+    if problems:
+        raise SampleError(f"{len(problems)} bad line(s) in {cfg.input}; fix them first:\n  " + "\n  ".join(problems[:10]))
+    output = Path(cfg.output)
+    done = answered_ids(output)
+    todo = [s for s in samples if s.id not in done]
+    if not todo:
+        print(f"all {len(samples)} conversations of {cfg.input} are already answered in {output}", flush=True)
+        return 0
+    model, processor = load_for_inference(cfg)
+    stops = stop_token_ids(processor, model)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with output.open("a", encoding="utf-8") as out, torch.no_grad():
+        for start in tqdm(range(0, len(todo), cfg.eval.batch_size), desc="predicting"):
+            batch = todo[start : start + cfg.eval.batch_size]
+            texts, images = zip(*(conversation_prompt(s, processor) for s in batch), strict=True)
+            inputs = processor(list(texts), images=list(images), padding_side="left").to(model.device)
+            generated = model.generate(**inputs, max_new_tokens=cfg.eval.max_new_tokens, do_sample=False,
+                                       eos_token_id=stops, pad_token_id=processor.tokenizer.pad_token_id)
+            answers = processor.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+            out.write("".join(json.dumps({"id": s.id, "answer": a.strip()}) + "\n" for s, a in zip(batch, answers,
+                                                                                                  strict=True)))
+            out.flush()
+    print(f"answered {len(todo)} conversations ({len(done)} were already done): {output}", flush=True)
+    return len(todo)
+
+
+@hydra.main(version_base="1.3", config_path="pkg://phi3v_recipes.conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except (ConfigError, SampleError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

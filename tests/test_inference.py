@@ -1,0 +1,74 @@
+"""Evaluation alone and batch prediction through their entrypoints, on a demo run trained by the test."""
+
+import json
+import random
+
+import pytest
+
+from phi3v_recipes.data.demo import draw
+from tests.conftest import read_metrics, run_cli
+
+
+@pytest.fixture(scope="module")
+def trained(default_demo):
+    """The default demo run: trained long enough to name colours."""
+    return default_demo[1]
+
+
+def test_evaluate_alone_reproduces_the_runs_score(trained, tmp_path):
+    """`python -m phi3v_recipes.evaluate model.name_or_path=<run dir>` scores the held-out split like the run's
+    own after-training evaluation, and writes predictions (id, prediction, references, score) beside the metric."""
+    out = run_cli([f"model.name_or_path={trained}", f"run.output_dir={tmp_path / 'eval'}"], cwd=tmp_path,
+                  module="phi3v_recipes.evaluate")
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads((tmp_path / "eval" / "eval_metrics.json").read_text())
+    assert result["score"] == read_metrics(trained)["eval_after"]
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "eval_predictions.jsonl").open()]
+    assert len(rows) == result["samples"] and set(rows[0]) == {"id", "prediction", "references", "score"}
+
+
+def test_evaluate_refuses_the_untrained_tiny_model(tmp_path):
+    out = run_cli(["model.name_or_path=tiny"], cwd=tmp_path, module="phi3v_recipes.evaluate")
+    assert out.returncode == 2 and "error: model.name_or_path=tiny" in out.stderr
+
+
+def write_inputs(root, n: int):
+    colours = ["red", "blue", "green", "yellow"]
+    for c in colours:  # figures like the demo's, drawn from a seed the demo never uses
+        draw(c, "square", random.Random(f"predict-{c}")).save(root / f"{c}.png")
+    with (root / "in.jsonl").open("w") as f:
+        for i in range(n):
+            c = colours[i % 4]
+            turns = [{"images": [f"{c}.png"], "user": "What color is the shape? Answer with one word."}]
+            if i == n - 1:  # a multi-turn conversation: earlier replies given, the last one generated
+                turns = [{"images": [f"{c}.png"], "user": "Hi", "assistant": "Hello"}, {"user": "What color?"}]
+            f.write(json.dumps({"id": f"q{i}", "conversations": turns}) + "\n")
+
+
+def test_predict_answers_every_conversation_and_resumes(trained, tmp_path):
+    """predict writes one answer per id in batches; after an interruption (simulated by a truncated output with
+    a torn last line) the same command answers only what is missing, and the result equals an uninterrupted run."""
+    write_inputs(tmp_path, 7)
+    args = [f"model.name_or_path={trained}", f"input={tmp_path / 'in.jsonl'}", "eval.batch_size=3"]
+    full = run_cli([*args, f"output={tmp_path / 'full.jsonl'}"], cwd=tmp_path, module="phi3v_recipes.predict")
+    assert full.returncode == 0, full.stderr[-3000:]
+    answers = [json.loads(line) for line in (tmp_path / "full.jsonl").open()]
+    assert [a["id"] for a in answers] == [f"q{i}" for i in range(7)]
+    assert [a["answer"] for a in answers[:4]] == ["red", "blue", "green", "yellow"]
+
+    lines = (tmp_path / "full.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "partial.jsonl").write_text("".join(lines[:3]) + lines[3][:5])  # 3 done, one torn
+    resumed = run_cli([*args, f"output={tmp_path / 'partial.jsonl'}"], cwd=tmp_path, module="phi3v_recipes.predict")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "answered 4 conversations (3 were already done)" in resumed.stdout
+    assert (tmp_path / "partial.jsonl").read_text() == (tmp_path / "full.jsonl").read_text()
+    again = run_cli([*args, f"output={tmp_path / 'partial.jsonl'}"], cwd=tmp_path, module="phi3v_recipes.predict")
+    assert again.returncode == 0 and "already answered" in again.stdout
+
+
+def test_predict_reports_bad_input_lines(trained, tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"id": "a", "conversations": [{"user": "x"}]}\n{not json\n')
+    out = run_cli([f"model.name_or_path={trained}", f"input={tmp_path / 'bad.jsonl'}",
+                   f"output={tmp_path / 'o.jsonl'}"], cwd=tmp_path, module="phi3v_recipes.predict")
+    assert out.returncode == 2 and f"{tmp_path / 'bad.jsonl'}:2: not valid JSON" in out.stderr
+    assert not (tmp_path / "o.jsonl").exists()

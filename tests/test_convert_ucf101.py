@@ -296,3 +296,21 @@ def test_num_frames_option(tree, tmp_path):
     assert [frame_number(images / f"v_Biking_g09_c03.{i}.jpg") for i in range(4)] == [0, 4, 8, 12]
     with pytest.raises(SystemExit):
         ucf101.main(["--src", str(tree), "--out_dir", str(out_dir), "--num_frames", "0"])
+
+
+def test_converted_videos_train_and_evaluate_as_the_ucf101_task(converted, tmp_path):
+    """The converter's output is the ucf101 task: 8 frames per video as 8 images, trained and evaluated through
+    `python -m phi3v_recipes task=ucf101 model=tiny hardware=cpu task.data_dir=<out_dir>`."""
+    from tests.conftest import read_metrics, run_cli
+
+    out_dir, _ = converted
+    run_dir = tmp_path / "run"
+    out = run_cli(["task=ucf101", "model=tiny", "hardware=cpu", "strategy=full", f"task.data_dir={out_dir}",
+                   "data.num_crops=1", "data.num_workers=0", "train.epochs=1", "train.global_batch_size=2",
+                   "train.batch_size=2", "eval.max_new_tokens=4", f"run.output_dir={run_dir}"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = read_metrics(run_dir)
+    assert metrics["metric"] == "accuracy" and metrics["eval_samples"] == len(read_jsonl(out_dir / "ucf101_val.jsonl"))
+    assert {"eval_before", "eval_after", "train_loss"} <= metrics.keys()
+    first = json.loads((run_dir / "eval_after_predictions.jsonl").read_text().splitlines()[0])
+    assert first["references"] == [read_jsonl(out_dir / "ucf101_val.jsonl")[0]["conversations"][0]["assistant"]]

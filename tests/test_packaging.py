@@ -1,6 +1,7 @@
 """The wheel ships every module and every config: Hydra finds `conf/` as the package `phi3v_recipes.conf`, so a
 non-editable install must carry all of it."""
 
+import os
 import subprocess
 import sys
 import tomllib
@@ -35,3 +36,22 @@ def test_wheel_contains_all_modules_and_configs(tmp_path):
     expected = {str(p.relative_to(ROOT / "src")) for p in (ROOT / "src").rglob("*.py")}
     expected |= {"phi3v_recipes/conf/" + str(p.relative_to(ROOT / "conf")) for p in (ROOT / "conf").rglob("*.yaml")}
     assert expected <= names, sorted(expected - names)
+
+
+@pytest.mark.slow
+def test_non_editable_install_finds_its_configs(tmp_path):
+    """Installed from the wheel (not editable, run away from the checkout), the entrypoint composes its configs
+    from the installed package."""
+    wheels, target = tmp_path / "wheels", tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(wheels)], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
+                    *map(str, wheels.glob("*.whl"))], check=True, capture_output=True)
+    env = {**os.environ, "PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1"}
+    code = "import phi3v_recipes, sys; print(phi3v_recipes.__file__)"
+    where = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert where.stdout.strip().startswith(str(target)), where.stdout + where.stderr
+    out = subprocess.run([sys.executable, "-m", "phi3v_recipes", "--cfg", "job", "task=nlvr2", "hardware=a100"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "flash_attention_2" in out.stdout and "lr: 1.0e-05" in out.stdout

@@ -42,6 +42,44 @@ def run_cli(args: list[str], cwd: Path, module: str = "phi3v_recipes", torchrun_
     return subprocess.run(cmd, cwd=cwd, env=offline_env(), capture_output=True, text=True, timeout=timeout)
 
 
+def run_parallel(commands: dict[str, list[str]], cwd: Path,
+                 timeout: int = 600) -> dict[str, subprocess.CompletedProcess]:
+    """Each `python -m <argv>` (module first) started at once in `cwd`, offline with one thread each; waits for
+    all. Output goes to `<name>.stdout` / `<name>.stderr` in `cwd` and comes back as text."""
+    env = offline_env(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    started = {}
+    for name, args in commands.items():
+        cmd = [sys.executable, "-m", *args]
+        logs = (cwd / f"{name}.stdout").open("w"), (cwd / f"{name}.stderr").open("w")
+        started[name] = (cmd, logs, subprocess.Popen(cmd, cwd=cwd, env=env, stdout=logs[0], stderr=logs[1]))
+    results = {}
+    for name, (cmd, logs, proc) in started.items():
+        proc.wait(timeout=timeout)
+        for log in logs:
+            log.close()
+        stdout, stderr = ((cwd / f"{name}.{stream}").read_text() for stream in ("stdout", "stderr"))
+        results[name] = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    return results
+
+
+def official_preprocessor_config(num_img_tokens: int = 144) -> dict:
+    """The Phi-3.5-vision hub repo's `preprocessor_config.json` (remote-code `auto_map`, `processor_class`), with
+    `num_img_tokens` as given (144 in the real file)."""
+    return {
+        "auto_map": {
+            "AutoImageProcessor": "image_processing_phi3_v.Phi3VImageProcessor",
+            "AutoProcessor": "processing_phi3_v.Phi3VProcessor",
+        },
+        "do_convert_rgb": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_processor_type": "Phi3VImageProcessor",
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "num_crops": 4,
+        "num_img_tokens": num_img_tokens,
+        "processor_class": "Phi3VProcessor",
+    }
+
+
 def read_metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
 

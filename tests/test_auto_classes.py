@@ -9,20 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor
 
 from phi3v_recipes.model import Phi3VConfig, Phi3VForCausalLM, Phi3VProcessor
 from phi3v_recipes.model.tiny import TINY_NUM_IMG_TOKENS, build_tiny_processor, tiny_model_config
-
-OFFICIAL_PREPROCESSOR_CONFIG = {
-    "auto_map": {
-        "AutoImageProcessor": "image_processing_phi3_v.Phi3VImageProcessor",
-        "AutoProcessor": "processing_phi3_v.Phi3VProcessor",
-    },
-    "do_convert_rgb": True,
-    "image_mean": [0.48145466, 0.4578275, 0.40821073],
-    "image_processor_type": "Phi3VImageProcessor",
-    "image_std": [0.26862954, 0.26130258, 0.27577711],
-    "num_crops": 4,
-    "num_img_tokens": TINY_NUM_IMG_TOKENS,
-    "processor_class": "Phi3VProcessor",
-}
+from tests.conftest import official_preprocessor_config
 
 
 def official_layout_checkpoint(path) -> Phi3VForCausalLM:
@@ -46,7 +33,7 @@ def official_layout_checkpoint(path) -> Phi3VForCausalLM:
     )
     config.pop("dtype", None)
     (path / "config.json").write_text(json.dumps(config))
-    (path / "preprocessor_config.json").write_text(json.dumps(OFFICIAL_PREPROCESSOR_CONFIG))
+    (path / "preprocessor_config.json").write_text(json.dumps(official_preprocessor_config(TINY_NUM_IMG_TOKENS)))
     return model
 
 

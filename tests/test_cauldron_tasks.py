@@ -10,7 +10,6 @@ then each task trains and evaluates end to end through `python -m phi3v_recipes`
 import io
 import random
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,7 @@ from phi3v_recipes.data.encode import encode_sample, user_content
 from phi3v_recipes.data.sample import SampleError
 from phi3v_recipes.data.tasks import LOADERS
 from phi3v_recipes.model.tiny import build_tiny_processor
-from tests.conftest import compose_config, offline_env, read_metrics
+from tests.conftest import compose_config, read_metrics, run_parallel
 
 TEXT = {"user": Value("string"), "assistant": Value("string"), "source": Value("string")}
 CAULDRON = Features({"images": List(ImageFeature()), "texts": List(TEXT)})
@@ -297,21 +296,10 @@ def e2e_overrides(root: Path) -> dict[str, list[str]]:
 def e2e_runs(data_root, tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
     """All four runs at once (one thread each): most of a run is interpreter start-up and imports."""
     out = tmp_path_factory.mktemp("runs")
-    env = offline_env(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    procs = {}
-    for name, overrides in e2e_overrides(data_root).items():
-        run_dir = out / name
-        cmd = [sys.executable, "-m", "phi3v_recipes", *overrides, *COMMON, f"run.output_dir={run_dir}"]
-        logs = (out / f"{name}.stdout").open("w"), (out / f"{name}.stderr").open("w")
-        procs[name] = (run_dir, cmd, logs, subprocess.Popen(cmd, cwd=out, env=env, stdout=logs[0], stderr=logs[1]))
-    results = {}
-    for name, (run_dir, cmd, logs, proc) in procs.items():
-        proc.wait(timeout=600)
-        for log in logs:
-            log.close()
-        stdout, stderr = ((out / f"{name}.{stream}").read_text() for stream in ("stdout", "stderr"))
-        results[name] = (run_dir, subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr))
-    return results
+    overrides = e2e_overrides(data_root)
+    results = run_parallel({name: ["phi3v_recipes", *args, *COMMON, f"run.output_dir={out / name}"]
+                            for name, args in overrides.items()}, cwd=out)
+    return {name: (out / name, results[name]) for name in overrides}
 
 
 @pytest.mark.slow

@@ -3,7 +3,6 @@
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ from PIL import Image, ImageDraw
 
 from phi3v_recipes.data.check import main
 from phi3v_recipes.model.tiny import build_tiny_processor
-from tests.conftest import offline_env, read_metrics
+from tests.conftest import read_metrics, run_parallel
 
 LONG_TEXT = " ".join(f"token{i}" for i in range(2500))  # far over MAX_LENGTH whatever the tokenizer
 MAX_LENGTH = 1500
@@ -95,20 +94,8 @@ def runs(tree, tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedPr
         "raise": (out / "raise", ["phi3v_recipes", *train_args(tree, "raise", out / "raise")]),
         "skip": (out / "skip", ["phi3v_recipes", *train_args(tree, "skip", out / "skip")]),
     }
-    env = offline_env(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    started = {}
-    for name, (run_dir, args) in commands.items():
-        cmd = [sys.executable, "-m", *args]
-        logs = (out / f"{name}.stdout").open("w"), (out / f"{name}.stderr").open("w")
-        started[name] = (run_dir, cmd, logs, subprocess.Popen(cmd, cwd=out, env=env, stdout=logs[0], stderr=logs[1]))
-    results = {}
-    for name, (run_dir, cmd, logs, proc) in started.items():
-        proc.wait(timeout=600)
-        for log in logs:
-            log.close()
-        stdout, stderr = ((out / f"{name}.{stream}").read_text() for stream in ("stdout", "stderr"))
-        results[name] = (run_dir, subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr))
-    return results
+    results = run_parallel({name: args for name, (_, args) in commands.items()}, cwd=out)
+    return {name: (run_dir, results[name]) for name, (run_dir, _) in commands.items()}
 
 
 def expected_messages(tree: Path) -> list[tuple[str, str]]:

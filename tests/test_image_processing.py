@@ -19,6 +19,7 @@ from phi3v_recipes.model.image_processing_phi3v import (
     hd_target_size,
     num_image_tokens,
 )
+from tests.conftest import official_preprocessor_config
 
 GRID_SIDES = (1, 50, 336, 337, 500, 1000, 2000, 4000)
 
@@ -303,20 +304,7 @@ def test_save_and_load_round_trip(tmp_path):
 def test_loads_the_official_preprocessor_config(tmp_path):
     """The Phi-3.5-vision `preprocessor_config.json` (with `auto_map` and `processor_class`) loads, and its
     remote-code `auto_map` is not written back."""
-    official = {
-        "auto_map": {
-            "AutoImageProcessor": "image_processing_phi3_v.Phi3VImageProcessor",
-            "AutoProcessor": "processing_phi3_v.Phi3VProcessor",
-        },
-        "do_convert_rgb": True,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_processor_type": "Phi3VImageProcessor",
-        "image_std": [0.26862954, 0.26130258, 0.27577711],
-        "num_crops": 4,
-        "num_img_tokens": 144,
-        "processor_class": "Phi3VProcessor",
-    }
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps(official))
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(official_preprocessor_config()))
     loaded = Phi3VImageProcessor.from_pretrained(tmp_path)
     assert (loaded.num_crops, loaded.num_img_tokens) == (4, 144)
     assert loaded.image_mean == CLIP_IMAGE_MEAN and loaded.image_std == CLIP_IMAGE_STD

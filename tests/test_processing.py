@@ -12,6 +12,7 @@ from PIL import Image
 from phi3v_recipes.model.image_processing_phi3v import Phi3VImageProcessor
 from phi3v_recipes.model.processing_phi3v import CHAT_TEMPLATE, IMAGE_TAG_PATTERN, Phi3VProcessor, image_tag
 from phi3v_recipes.model.tiny import build_tiny_processor, build_tiny_tokenizer
+from tests.conftest import official_preprocessor_config
 
 PROMPT = "<|user|>\n<|image_1|>\nWhat is shown in this picture?<|end|>\n<|assistant|>\n"
 
@@ -289,23 +290,7 @@ def test_loads_an_official_style_checkpoint(tmp_path):
             }
         )
     )
-    (tmp_path / "preprocessor_config.json").write_text(
-        json.dumps(
-            {
-                "auto_map": {
-                    "AutoImageProcessor": "image_processing_phi3_v.Phi3VImageProcessor",
-                    "AutoProcessor": "processing_phi3_v.Phi3VProcessor",
-                },
-                "do_convert_rgb": True,
-                "image_mean": [0.48145466, 0.4578275, 0.40821073],
-                "image_processor_type": "Phi3VImageProcessor",
-                "image_std": [0.26862954, 0.26130258, 0.27577711],
-                "num_crops": 4,
-                "num_img_tokens": 144,
-                "processor_class": "Phi3VProcessor",
-            }
-        )
-    )
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(official_preprocessor_config()))
     loaded = Phi3VProcessor.from_pretrained(tmp_path)
     assert (loaded.num_crops, loaded.num_img_tokens) == (4, 144)
     assert loaded.chat_template == CHAT_TEMPLATE

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from phi3v_recipes.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 VISION_PREFIX = "model.vision_embed_tokens."
@@ -28,7 +30,7 @@ def quantization_config(cfg: DictConfig) -> Any | None:
     from transformers import BitsAndBytesConfig
 
     if quant.bits != 4:
-        raise ValueError(f"strategy.quantization.bits={quant.bits}: only 4-bit QLoRA is supported.")
+        raise ConfigError(f"strategy.quantization.bits={quant.bits}: only 4-bit QLoRA is supported.")
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant.quant_type,
@@ -56,7 +58,7 @@ def lora_target_modules(model: torch.nn.Module, cfg: DictConfig) -> list[str]:
         if any(name == t or name.endswith("." + t) for t in targets):
             names.append(name)
     if not names:
-        raise ValueError(f"strategy.lora targets {list(lm) + list(vision)} match no linear layer of the model.")
+        raise ConfigError(f"strategy.lora targets {list(lm) + list(vision)} match no linear layer of the model.")
     return names
 
 

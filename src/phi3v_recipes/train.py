@@ -24,7 +24,7 @@ from phi3v_recipes.config import gradient_accumulation, output_dir, uses_deepspe
 from phi3v_recipes.data.check import screen
 from phi3v_recipes.data.collate import PaddingCollator
 from phi3v_recipes.data.encode import encode_sample
-from phi3v_recipes.data.sample import Sample
+from phi3v_recipes.data.sample import Sample, SampleError
 from phi3v_recipes.data.tasks import load_split
 from phi3v_recipes.evaluation import evaluate
 from phi3v_recipes.loading import TINY, load_model, load_processor, model_path, write_tiny_base
@@ -121,7 +121,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         (run_dir / "skipped.txt").write_text("".join(f"{p}\n" for p in skipped + eval_skipped))
         log.warning("skipped %d bad sample(s); see %s", len(skipped) + len(eval_skipped), run_dir / "skipped.txt")
     if not train_samples:
-        raise ValueError(f"task={cfg.task.name} has no usable training samples.")
+        raise SampleError(f"task={cfg.task.name} has no usable training samples.")
 
     model = apply_strategy(load_model(cfg, path), cfg)
     metric = cfg.task.metric

@@ -9,6 +9,7 @@ import random
 
 from PIL import Image, ImageDraw
 
+from phi3v_recipes.config import ConfigError
 from phi3v_recipes.data.sample import Sample, Turn
 
 COLORS = {
@@ -46,7 +47,7 @@ def make_samples(split: str, size: int, questions: list[str], seed: int) -> list
     """`size` samples of the split; eval samples never share a seed with train samples."""
     unknown = set(questions) - set(QUESTIONS)
     if unknown:
-        raise ValueError(f"task.questions has {sorted(unknown)}; choose from {sorted(QUESTIONS)}.")
+        raise ConfigError(f"task.questions has {sorted(unknown)}; choose from {sorted(QUESTIONS)}.")
     offset = {"train": 0, "eval": 1_000_000}[split]
     samples = []
     for i in range(size):

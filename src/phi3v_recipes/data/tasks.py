@@ -7,6 +7,7 @@ Each loader returns `(samples, problems)`: `problems` are inputs that could not 
 from collections.abc import Callable
 from typing import Any
 
+from phi3v_recipes.config import ConfigError
 from phi3v_recipes.data import demo
 from phi3v_recipes.data.cauldron import load_cauldron, load_docvqa
 from phi3v_recipes.data.jsonl import read_jsonl
@@ -37,4 +38,6 @@ LOADERS: dict[str, Callable[[Any, str], Loaded]] = {
 
 def load_split(task: Any, split: str) -> Loaded:
     """The `split` ("train" or "eval") of the configured task."""
+    if task.loader not in LOADERS:
+        raise ConfigError(f"task.loader={task.loader} is unknown; choose one of {sorted(LOADERS)}.")
     return LOADERS[task.loader](task, split)

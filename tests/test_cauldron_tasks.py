@@ -278,17 +278,20 @@ def test_dataset_image_reports_undecodable_bytes():
 # ------------------------------------------------------------------ end to end
 
 COMMON = ("model=tiny", "hardware=cpu", "strategy=full", "train.epochs=1", "train.global_batch_size=4",
-          "train.batch_size=4", "data.num_crops=1", "data.num_workers=0", "eval.max_new_tokens=4",
+          "train.batch_size=4", "data.num_crops=1", "eval.max_new_tokens=4",
           "optim.warmup_steps=1", "report_to=none")
 
 
 def e2e_overrides(root: Path) -> dict[str, list[str]]:
     mini = f"task.mini_dataset={root / 'docvqa_mini'}"
     return {
-        "nlvr2": ["task=nlvr2", f"task.dataset={root / 'cauldron'}", "task.eval_holdout=4"],
-        "hateful_memes": ["task=hateful_memes", f"task.dataset={root / 'hateful_memes'}", "task.eval_holdout=4"],
-        "docvqa": ["task=docvqa", f"task.dataset={root / 'cauldron'}", mini, "eval.max_samples=4"],
-        "docvqa_mini": ["task=docvqa", "task.mini=true", mini, "eval.max_samples=4"],
+        # nlvr2 encodes in a DataLoader worker process: lazily decoded dataset images must survive pickling.
+        "nlvr2": ["task=nlvr2", f"task.dataset={root / 'cauldron'}", "task.eval_holdout=4", "data.num_workers=1"],
+        "hateful_memes": ["task=hateful_memes", f"task.dataset={root / 'hateful_memes'}", "task.eval_holdout=4",
+                          "data.num_workers=0"],
+        "docvqa": ["task=docvqa", f"task.dataset={root / 'cauldron'}", mini, "eval.max_samples=4",
+                   "data.num_workers=0"],
+        "docvqa_mini": ["task=docvqa", "task.mini=true", mini, "eval.max_samples=4", "data.num_workers=0"],
     }
 
 

@@ -119,3 +119,10 @@ def test_resume_continues_from_the_latest_checkpoint(tmp_path):
     steps = [entry["step"] for entry in state["log_history"] if "loss" in entry]
     assert steps == [1, 2, 3, 4, 5, 6]
     assert read_metrics(run_dir)["global_steps"] == 6
+
+
+def test_resume_without_a_checkpoint_fails_early(tmp_path):
+    """train.resume=true in a directory with no checkpoint stops with one sentence that says what to pass."""
+    out = run_cli([*SMALL_DEMO, "train.resume=true", f"run.output_dir={tmp_path / 'empty'}"], cwd=tmp_path)
+    assert out.returncode == 2 and "holds no checkpoint-* directory" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -5,6 +5,7 @@
     python -m phi3v_recipes -m task=demo optim.lr=1e-4,3e-4      # a sweep (see conf/config.yaml)
 """
 
+import os
 import sys
 
 import hydra
@@ -14,6 +15,8 @@ from phi3v_recipes.config import ConfigError, register_resolvers
 from phi3v_recipes.data.sample import SampleError
 
 register_resolvers()
+# The tokenizer runs in the main process before the DataLoader forks its workers: keep it single-threaded there.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @hydra.main(version_base="1.3", config_path="pkg://phi3v_recipes.conf", config_name="config")

@@ -20,7 +20,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments, set_seed
 
-from phi3v_recipes.config import gradient_accumulation, output_dir, uses_deepspeed, validate, world_size
+from phi3v_recipes.config import (
+    ConfigError,
+    gradient_accumulation,
+    output_dir,
+    uses_deepspeed,
+    validate,
+    world_size,
+)
 from phi3v_recipes.data.check import screen
 from phi3v_recipes.data.collate import PaddingCollator
 from phi3v_recipes.data.encode import encode_sample
@@ -82,6 +89,23 @@ def training_arguments(cfg: DictConfig, run_dir: Path) -> TrainingArguments:
     )
 
 
+def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
+    """The checkpoint train.resume asks for: None (start fresh), the latest `checkpoint-*` of the run directory
+    (true), or a given checkpoint directory; ConfigError when there is none to resume."""
+    resume = cfg.train.resume
+    if resume is False or resume is None:
+        return None
+    if resume is True:
+        checkpoints = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        if not checkpoints:
+            raise ConfigError(f"train.resume=true but {run_dir} holds no checkpoint-* directory; pass the run to "
+                              "continue as run.output_dir=<its directory>, or train.resume=<checkpoint path>.")
+        return str(checkpoints[-1])
+    if not (Path(resume) / "trainer_state.json").is_file():
+        raise ConfigError(f"train.resume={resume} is not a checkpoint directory (no trainer_state.json in it).")
+    return str(resume)
+
+
 def _write_json(path: Path, data: Any) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
@@ -93,6 +117,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     validate(cfg)
     run_dir = output_dir(cfg)
+    resume = resume_checkpoint(cfg, run_dir)
     args = training_arguments(cfg, run_dir)
     main = args.process_index == 0
     if main:
@@ -101,7 +126,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     set_seed(cfg.train.seed)
 
     train_samples, train_problems = load_split(cfg.task, "train")
-    wants_eval = (cfg.eval.before or cfg.eval.after) and cfg.task.get("has_eval", True)
+    wants_eval = cfg.eval.before or cfg.eval.after
     eval_samples, eval_problems = load_split(cfg.task, "eval") if wants_eval else ([], [])
 
     path = model_path(cfg, run_dir)
@@ -143,8 +168,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         data_collator=PaddingCollator(processor.tokenizer.pad_token_id),
         processing_class=processor,
     )
-    resume = cfg.train.resume
-    result = trainer.train(resume_from_checkpoint=resume if resume else None)
+    result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(run_dir))
 
     if cfg.eval.after:

@@ -34,6 +34,7 @@ def test_demo_trains_saves_and_reloads(strategy, tmp_path):
     for name in (weights, "preprocessor_config.json", "tokenizer.json", "config.yaml", "train.log"):
         assert (run_dir / name).is_file(), name
     assert any(run_dir.glob("checkpoint-*")) and (run_dir / ".hydra").is_dir()
+    assert any(run_dir.glob("runs/**/events.out.tfevents.*"))  # report_to=tensorboard, logs in the run dir
     assert "accuracy (eval before -> after)" in out.stdout
 
     cfg = compose_config(*overrides)
@@ -72,9 +73,11 @@ def test_torchrun_two_processes_share_one_run_directory(tmp_path):
 
 def test_zero2_with_two_processes_matches_ddp(tmp_path):
     """strategy=full with DeepSpeed ZeRO-2 through the Trainer on 2 CPU processes: the optimizer state is
-    sharded in the checkpoint (one file per rank) and the losses equal plain DDP's."""
-    common = [*SMALL_DEMO, "eval.before=false", "eval.after=false"]
-    ddp = run_cli([*common, f"run.output_dir={tmp_path / 'ddp'}"], cwd=tmp_path, torchrun_procs=2)
+    sharded in the checkpoint (one file per rank), the losses equal plain DDP's, and the trained model is saved
+    and evaluated."""
+    common = [*SMALL_DEMO, "eval.before=false"]
+    ddp = run_cli([*common, "eval.after=false", f"run.output_dir={tmp_path / 'ddp'}"], cwd=tmp_path,
+                  torchrun_procs=2)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     zero = run_cli([*common, "hardware.deepspeed=true", f"run.output_dir={tmp_path / 'zero2'}"], cwd=tmp_path,
                    torchrun_procs=2)
@@ -83,6 +86,8 @@ def test_zero2_with_two_processes_matches_ddp(tmp_path):
     assert sorted(p.name for p in step_dir.glob("*optim_states.pt")) == [
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
     assert not list((tmp_path / "ddp").glob("checkpoint-6/global_step*"))
+    assert (tmp_path / "zero2" / "model.safetensors").is_file()
+    assert read_metrics(tmp_path / "zero2")["eval_after"] is not None
     torch.testing.assert_close(torch.tensor(logged_losses(tmp_path / "zero2")),
                                torch.tensor(logged_losses(tmp_path / "ddp")), rtol=0, atol=1e-4)
 

@@ -233,6 +233,14 @@ def test_requested_split_must_exist(tree, tmp_path, capsys):
     assert f"{tree} has no test/ folder" in err
 
 
+def test_a_split_without_videos_is_an_error(tmp_path, capsys):
+    """Converting nothing is not a success: an empty split folder exits 1 with a message."""
+    root = tmp_path / "UCF101_subset"
+    (root / "val" / "Empty").mkdir(parents=True)
+    err = run_failing(["--src", str(root), "--out_dir", str(tmp_path / "out"), "--splits", "val"], capsys)
+    assert "error: no .avi videos under" in err
+
+
 @pytest.mark.parametrize(
     ("name", "kind", "message"),
     [

@@ -114,3 +114,20 @@ def test_collator_pads_right_and_concatenates_images(processor, conversation):
     assert (batch["input_ids"][0, n:] == processor.tokenizer.pad_token_id).all()
     assert (batch["labels"][0, n:] == IGNORE_INDEX).all() and batch["attention_mask"][0].sum() == n
     assert torch.equal(batch["pixel_values"], with_images["pixel_values"])
+
+
+def test_screen_reports_images_the_hd_transform_cannot_take(processor, tmp_path):
+    """An image too elongated for the HD transform is a named bad sample (skipped with on_error=skip), not a
+    crash; a non-UTF-8 jsonl line is a problem naming file:line."""
+    from phi3v_recipes.data.check import screen
+    from phi3v_recipes.data.jsonl import read_jsonl
+
+    thin = Sample(id="thin", origin="d.jsonl:3", turns=[Turn("Colour?", "red", (img("red", (1, 2000)),))])
+    fine = Sample(id="fine", turns=[Turn("Colour?", "red", (img("red"),))])
+    kept, problems = screen([thin, fine], processor, None, "skip")
+    assert [s.id for s in kept] == ["fine"] and problems[0].startswith("d.jsonl:3 (id thin): ")
+    with pytest.raises(SampleError, match="1 bad sample"):
+        screen([thin, fine], processor, None, "raise")
+    (tmp_path / "x.jsonl").write_bytes(b'\xff\xfe{"id": 1}\n')
+    assert read_jsonl(tmp_path / "x.jsonl")[1] == [f"{tmp_path / 'x.jsonl'}:1: not UTF-8 text (byte 1); save the "
+                                                   "file as UTF-8."]

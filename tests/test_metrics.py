@@ -134,3 +134,9 @@ def test_bad_inputs(metric):
 def test_anls_rejects_a_threshold_outside_unit_interval():
     with pytest.raises(ValueError, match="threshold"):
         anls(["a"], [["a"]], threshold=1.5)
+
+
+def test_a_bare_string_of_references_is_refused():
+    """A string is not one reference per sample: it would silently be read character by character."""
+    with pytest.raises(TypeError, match="one entry"):
+        accuracy(["a", "b"], "ab")

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from phi3v_recipes.config import ConfigError, check_hardware, output_dir, rank, register_resolvers
 from phi3v_recipes.data.sample import SampleError
+from phi3v_recipes.files import atomic_write_text
 
 register_resolvers()
 
@@ -38,7 +39,7 @@ def run(cfg: DictConfig) -> dict:
     result = {"task": cfg.task.name, "model": cfg.model.name_or_path, "metric": cfg.task.metric, "score": score,
               "samples": len(samples), "skipped_samples": len(skipped)}
     if rank() == 0:
-        (run_dir / "eval_metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write_text(run_dir / "eval_metrics.json", json.dumps(result, indent=2) + "\n")
         print(f"{cfg.task.metric} of {cfg.model.name_or_path} on {len(samples)} {cfg.task.name} samples: "
               f"{score:.4f}\npredictions: {run_dir / 'eval_predictions.jsonl'}", flush=True)
     return result

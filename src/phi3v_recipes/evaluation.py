@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 
 from phi3v_recipes.data.encode import generation_prompt
 from phi3v_recipes.data.sample import Sample
-from phi3v_recipes.metrics import METRICS, per_sample_scores
+from phi3v_recipes.files import atomic_write_text
+from phi3v_recipes.metrics import per_sample_scores
 from phi3v_recipes.model.processing_phi3v import END_TOKEN, ENDOFTEXT_TOKEN
 
 
@@ -78,13 +79,11 @@ def evaluate(
     for r, part in enumerate(gathered):
         predictions[r::world] = part
     references = [s.answers for s in samples]
-    score = METRICS[metric](predictions, references)
+    scores = per_sample_scores(metric, predictions, references)  # the metric is their mean
     if rank == 0 and predictions_file is not None:
-        scores = per_sample_scores(metric, predictions, references)
-        tmp = predictions_file.with_suffix(".tmp")
-        with tmp.open("w", encoding="utf-8") as out:
-            for sample, prediction, refs, s in zip(samples, predictions, references, scores, strict=True):
-                out.write(json.dumps({"id": sample.id, "prediction": prediction, "references": refs, "score": s}))
-                out.write("\n")
-        tmp.replace(predictions_file)
-    return score
+        rows = zip(samples, predictions, references, scores, strict=True)
+        atomic_write_text(predictions_file, "".join(
+            json.dumps({"id": s.id, "prediction": p, "references": refs, "score": score}) + "\n"
+            for s, p, refs, score in rows
+        ))
+    return sum(scores) / len(scores)

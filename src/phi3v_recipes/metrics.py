@@ -100,6 +100,8 @@ def _check_inputs(predictions: Sequence[str], references: References) -> list[li
     """Validate the inputs shared by every metric and return the references as lists of strings."""
     if isinstance(predictions, str):
         raise TypeError("predictions must be a sequence of strings, one per sample, not a single string")
+    if isinstance(references, str):
+        raise TypeError("references must hold one entry (a string or a list of strings) per sample, not a string")
     if len(predictions) == 0:
         raise ValueError("cannot score an empty set of predictions: the metric is undefined without samples")
     if len(predictions) != len(references):

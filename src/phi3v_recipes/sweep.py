@@ -13,6 +13,8 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from phi3v_recipes.files import atomic_write_text
+
 COLUMNS = ("eval_before", "eval_after", "train_loss", "train_samples_per_second", "wall_time_s")
 
 
@@ -52,7 +54,7 @@ class SweepSummary(Callback):
         if not sweep_dir.is_dir():
             return
         rows = collect(sweep_dir)
-        (sweep_dir / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+        atomic_write_text(sweep_dir / "summary.json", json.dumps(rows, indent=2) + "\n")
         text = format_table(rows)
-        (sweep_dir / "summary.txt").write_text(text)
+        atomic_write_text(sweep_dir / "summary.txt", text)
         print(f"\nsweep summary ({sweep_dir / 'summary.txt'}):\n{text}", flush=True)

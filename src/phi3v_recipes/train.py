@@ -34,6 +34,7 @@ from phi3v_recipes.data.encode import encode_sample
 from phi3v_recipes.data.sample import Sample, SampleError
 from phi3v_recipes.data.tasks import load_split
 from phi3v_recipes.evaluation import evaluate
+from phi3v_recipes.files import atomic_write_text
 from phi3v_recipes.loading import TINY, load_model, load_processor, model_path, write_tiny_base
 from phi3v_recipes.strategy import apply_strategy
 
@@ -106,12 +107,6 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
     return str(resume)
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
-
-
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train and evaluate as `cfg` says; return the metrics (also written to <run dir>/metrics.json)."""
     start = time.perf_counter()
@@ -122,7 +117,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     main = args.process_index == 0
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     set_seed(cfg.train.seed)
 
     train_samples, train_problems = load_split(cfg.task, "train")
@@ -143,7 +138,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.eval.max_samples is not None:
         eval_samples = eval_samples[: cfg.eval.max_samples]
     if main and (skipped or eval_skipped):
-        (run_dir / "skipped.txt").write_text("".join(f"{p}\n" for p in skipped + eval_skipped))
+        atomic_write_text(run_dir / "skipped.txt", "".join(f"{p}\n" for p in skipped + eval_skipped))
         log.warning("skipped %d bad sample(s); see %s", len(skipped) + len(eval_skipped), run_dir / "skipped.txt")
     if not train_samples:
         raise SampleError(f"task={cfg.task.name} has no usable training samples.")
@@ -186,7 +181,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         output_dir=str(run_dir),
     )
     if main:
-        _write_json(run_dir / "metrics.json", metrics)
+        atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         print(summary(metrics), flush=True)
     return metrics
 

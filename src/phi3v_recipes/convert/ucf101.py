@@ -59,7 +59,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
 import sys
 import tarfile
@@ -74,6 +73,8 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
+
+from phi3v_recipes.files import atomic_write_text
 
 __all__ = [
     "HUB_FILENAME",
@@ -382,20 +383,6 @@ def make_record(video: Video, num_images: int, prompt: str) -> dict[str, Any]:
     }
 
 
-def _write_jsonl_atomically(path: Path, records: Sequence[dict[str, Any]]) -> None:
-    """Write the records to a temporary name next to `path`, flush to disk, then rename onto `path`."""
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        with partial.open("w", encoding="utf-8") as handle:
-            for record in records:
-                handle.write(json.dumps(record) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-
-
 def convert(
     root: Path,
     out_dir: Path,
@@ -437,12 +424,15 @@ def convert(
                 logger.warning("skipping a video: %s", exc)
                 summary.skipped.append(video.path)
                 continue
-            (image_root / video.image_prefix).parent.mkdir(parents=True, exist_ok=True)
-            for i, frame in enumerate(frames):
-                frame.save(image_root / f"{video.image_prefix}.{i}.jpg")
+            try:
+                (image_root / video.image_prefix).parent.mkdir(parents=True, exist_ok=True)
+                for i, frame in enumerate(frames):
+                    frame.save(image_root / f"{video.image_prefix}.{i}.jpg")
+            except OSError as exc:  # disk full, permissions: stop, naming the file
+                raise ConversionError(f"cannot write the frames of {video.path} under {image_root} ({exc})") from exc
             summary.frames_written += len(frames)
             records.append(make_record(video, len(frames), prompt))
-        _write_jsonl_atomically(out_dir / f"ucf101_{split}.jsonl", records)
+        atomic_write_text(out_dir / f"ucf101_{split}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
         summary.videos[split] = len(records)
     return summary
 
@@ -507,7 +497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(summary.line())
-    if summary.total_videos == 0 and summary.skipped:
+    if summary.total_videos == 0:
         print("error: no video could be converted", file=sys.stderr)
         return 1
     return 0

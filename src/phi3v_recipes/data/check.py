@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from phi3v_recipes.data.encode import prompt_text, user_content
+from phi3v_recipes.data.encode import prompt_text, too_long, user_content
 from phi3v_recipes.data.jsonl import read_jsonl
 from phi3v_recipes.data.sample import Sample, SampleError, load_image
 from phi3v_recipes.model.processing_phi3v import END_TOKEN, IMAGE_TAG_PATTERN
@@ -40,32 +40,25 @@ def count_tokens(sample: Sample, processor: Any, images: Sequence[Sequence[Any]]
     tokenizer = processor.tokenizer
     total = 1  # the closing <|endoftext|>
     for k, turn in enumerate(sample.turns):
-        chunks = re.split(IMAGE_TAG_PATTERN, prompt_text(processor, user_content(sample, k)))
-        total += sum(len(ids) for ids in tokenizer(chunks).input_ids) - (1 if k > 0 else 0)
+        chunks = tokenizer(re.split(IMAGE_TAG_PATTERN, prompt_text(processor, user_content(sample, k)))).input_ids
+        total += sum(len(ids) for ids in chunks)
+        if k > 0 and chunks[0][:1] == [tokenizer.bos_token_id]:
+            total -= 1  # encode_sample keeps one BOS, at the start of the conversation
         loaded = images[k] if images is not None else [load_image(ref, sample) for ref in turn.images]
         for image in loaded:
-            total += processor.num_image_tokens_for(image)
+            try:
+                total += processor.num_image_tokens_for(image)
+            except ValueError as err:  # e.g. an image too elongated for the HD transform
+                raise SampleError(f"{sample.where}: {err}") from None
         total += len(tokenizer(turn.assistant + END_TOKEN + "\n", add_special_tokens=False).input_ids)
     return total
 
 
-def _too_long(sample: Sample, n_tokens: int, max_length: int) -> str:
-    return (
-        f"{sample.where}: {n_tokens} tokens (image tokens included) exceed data.max_length={max_length}; "
-        "raise data.max_length, lower data.num_crops, or set data.on_error=skip to drop such samples."
-    )
-
-
 def check_sample(sample: Sample, processor: Any, max_length: int | None) -> int:
-    """Token count of a usable sample; SampleError naming the sample otherwise."""
-    if not sample.turns:
-        raise SampleError(f"{sample.where}: the conversation has no turns.")
-    for k, turn in enumerate(sample.turns):
-        if not isinstance(turn.user, str) or not isinstance(turn.assistant, str):
-            raise SampleError(f"{sample.where}: turn {k + 1} needs string 'user' and 'assistant' texts.")
-    n_tokens = count_tokens(sample, processor)
-    if max_length is not None and n_tokens > max_length:
-        raise SampleError(_too_long(sample, n_tokens, max_length))
+    """Token count of a usable sample; SampleError naming its first problem otherwise."""
+    n_tokens, problems = sample_problems(sample, processor, max_length)
+    if problems:
+        raise SampleError(problems[0])
     return n_tokens
 
 
@@ -97,7 +90,7 @@ def sample_problems(sample: Sample, processor: Any, max_length: int | None) -> t
     except SampleError as err:
         return None, [str(err)]
     if max_length is not None and n_tokens > max_length:
-        return n_tokens, [_too_long(sample, n_tokens, max_length)]
+        return n_tokens, [too_long(sample, n_tokens, max_length)]
     return n_tokens, []
 
 
@@ -110,11 +103,9 @@ def screen(
     problems = list(errors)
     kept = []
     for sample in samples:
-        try:
-            check_sample(sample, processor, max_length)
-        except SampleError as err:
-            problems.append(str(err))
-        else:
+        found = sample_problems(sample, processor, max_length)[1]
+        problems += found
+        if not found:
             kept.append(sample)
     if problems and on_error == "raise":
         listed = "\n  ".join(problems[:MAX_LISTED])

@@ -55,6 +55,14 @@ def generation_prompt(sample: Sample, processor: Any) -> tuple[str, list]:
     return prompt_text(processor, user_content(sample, 0)), images
 
 
+def too_long(sample: Sample, n_tokens: int, max_length: int) -> str:
+    """The problem of a sample longer than data.max_length (never truncated: it would cut image tokens)."""
+    return (
+        f"{sample.where}: {n_tokens} tokens (image tokens included) exceed data.max_length={max_length}; "
+        "raise data.max_length, lower data.num_crops, or set data.on_error=skip to drop such samples."
+    )
+
+
 def encode_sample(sample: Sample, processor: Any, max_length: int | None = None) -> dict[str, torch.Tensor]:
     """Token ids, labels and pixels of a whole conversation (see the module docstring for the layout)."""
     tokenizer = processor.tokenizer
@@ -86,10 +94,7 @@ def encode_sample(sample: Sample, processor: Any, max_length: int | None = None)
     ids.append(end)
     labels.append(end)
     if max_length is not None and len(ids) > max_length:
-        raise SampleError(
-            f"{sample.where}: {len(ids)} tokens (image tokens included) exceed data.max_length={max_length}; "
-            "raise data.max_length, lower data.num_crops, or set data.on_error=skip to drop such samples."
-        )
+        raise SampleError(too_long(sample, len(ids), max_length))
     encoded = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
     if pixels:
         encoded["pixel_values"] = torch.cat(pixels)

@@ -55,13 +55,15 @@ def read_jsonl(
         raise FileNotFoundError(f"{path} does not exist: check the task's data file setting.")
     root = Path(image_root) if image_root is not None else path.parent
     samples, problems = [], []
-    with path.open(encoding="utf-8") as lines:
-        for lineno, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
+    with path.open("rb") as lines:
+        for lineno, raw in enumerate(lines, start=1):
             where = f"{path}:{lineno}"
             try:
-                samples.append(_parse_row(json.loads(line.rstrip("\r\n")), where, root, require_answers))
+                line = raw.decode("utf-8").rstrip("\r\n")
+                if line.strip():
+                    samples.append(_parse_row(json.loads(line), where, root, require_answers))
+            except UnicodeDecodeError as err:
+                problems.append(f"{where}: not UTF-8 text (byte {err.start + 1}); save the file as UTF-8.")
             except json.JSONDecodeError as err:
                 problems.append(f"{where}: not valid JSON ({err.msg} at column {err.colno}).")
             except ValueError as err:

@@ -448,6 +448,8 @@ class Phi3VProcessor(ProcessorMixin):
                 "per sample), or False."
             )
         limit = max_length if max_length is not None else self.tokenizer.model_max_length
+        if limit < 1:
+            raise ValueError(f"max_length={limit}: truncation needs a length of at least 1.")
         side = getattr(self.tokenizer, "truncation_side", "right")
         truncated = []
         for index, ids in enumerate(input_ids):

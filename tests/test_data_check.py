@@ -138,7 +138,7 @@ def test_check_command_passes_a_clean_file(tree, tmp_path, capsys):
     assert lines[-1] == "4 samples, 0 problems"
     assert lines[-2].startswith("tokens per usable sample (tiny processor, num_crops 1): min ")
     # a processor directory instead of the built-in tiny one (what --model <dir or hub id> loads)
-    build_tiny_processor(num_crops=4).save_pretrained(tmp_path / "processor")
+    build_tiny_processor(num_crops=4, num_img_tokens=144).save_pretrained(tmp_path / "processor")
     assert main([*check_args(tree, "clean"), "--model", str(tmp_path / "processor")]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == "4 samples, 0 problems"
 

@@ -126,7 +126,8 @@ def _processor(model: str, num_crops: int) -> Any:
     if model == "tiny":
         from phi3v_recipes.model.tiny import build_tiny_processor
 
-        return build_tiny_processor(num_crops=num_crops)
+        # Real Phi-3-V image token counts (144 per crop) with the tiny tokenizer's approximate text counts.
+        return build_tiny_processor(num_crops=num_crops, num_img_tokens=144)
     from phi3v_recipes.loading import load_processor
 
     return load_processor(model, num_crops)

@@ -175,9 +175,14 @@ def build_tiny_tokenizer(
     )
 
 
+# The tiny model: a CLIP-shaped tower on 336-px crops with 28-px patches (a 12x12 patch grid, merged 2x2 into
+# 6x6 = 36 tokens per crop) feeding a 2-layer Phi-3 decoder. Random weights build in well under a second.
+TINY_NUM_IMG_TOKENS = 36
+
+
 def build_tiny_processor(
     num_crops: int = 4,
-    num_img_tokens: int = 144,
+    num_img_tokens: int = TINY_NUM_IMG_TOKENS,
     corpus: Iterable[str] | None = None,
     vocab_size: int = 512,
 ) -> Phi3VProcessor:
@@ -185,18 +190,14 @@ def build_tiny_processor(
 
     Args:
         num_crops (`int`, *optional*, defaults to 4): maximum crops per image.
-        num_img_tokens (`int`, *optional*, defaults to 144): tokens per crop after the model's 2×2 merge; must match
-            the vision tower of the model the processor feeds (a perfect square).
+        num_img_tokens (`int`, *optional*, defaults to `TINY_NUM_IMG_TOKENS`): tokens per crop after the model's
+            2×2 merge; must match the vision tower of the model the processor feeds (a perfect square): 36 for
+            `tiny_model_config`, 144 for the real Phi-3-V.
         corpus (`Iterable[str]`, *optional*): extra tokenizer training text.
         vocab_size (`int`, *optional*, defaults to 512): learned vocabulary size (see [`build_tiny_tokenizer`]).
     """
     image_processor = Phi3VImageProcessor(num_crops=num_crops, num_img_tokens=num_img_tokens)
     return Phi3VProcessor(image_processor, build_tiny_tokenizer(corpus=corpus, vocab_size=vocab_size))
-
-
-# The tiny model: a CLIP-shaped tower on 336-px crops with 28-px patches (a 12x12 patch grid, merged 2x2 into
-# 6x6 = 36 tokens per crop) feeding a 2-layer Phi-3 decoder. Random weights build in well under a second.
-TINY_NUM_IMG_TOKENS = 36
 
 
 def tiny_model_config(vocab_size: int = 512 + len(PHI3_ADDED_TOKENS), **overrides: Any) -> Phi3VConfig:

@@ -53,6 +53,20 @@ def test_auto_classes_load_an_official_layout_directory_without_remote_code(tmp_
     assert processor.image_processor.num_crops == 4
 
 
+def test_the_reference_embedding_alias_in_a_checkpoint_is_ignored(tmp_path):
+    """A checkpoint written from the reference module tree may also store `model.vision_embed_tokens.wte.weight`
+    (an alias of the token embedding): it loads with no unexpected key and the embedding is the stored one."""
+    from safetensors.torch import load_file, save_file
+
+    original = official_layout_checkpoint(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    state["model.vision_embed_tokens.wte.weight"] = state["model.embed_tokens.weight"].clone()
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    model, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["unexpected_keys"] and not info["missing_keys"]
+    assert torch.equal(model.model.embed_tokens.weight, original.model.embed_tokens.weight)
+
+
 def test_processor_output_feeds_the_model_and_batches_match_single_samples():
     """A right-padded processor batch (2 images, 1 image, text only) through the model gives each sample the
     logits it gets alone (fp32, tolerance 1e-5), and generation decodes."""

@@ -158,6 +158,9 @@ class Phi3VPreTrainedModel(Phi3PreTrainedModel):
     config_class = Phi3VConfig
     input_modalities = ("image", "text")
     _no_split_modules = ["Phi3DecoderLayer", "CLIPEncoderLayer"]
+    # The reference module tree aliases the token embedding as `vision_embed_tokens.wte`; a checkpoint written
+    # from it (e.g. as pytorch_model.bin) may store that alias. We have no alias: the copy is ignored.
+    _keys_to_ignore_on_load_unexpected = [r"^model\.vision_embed_tokens\.wte\.weight$"]
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):

@@ -126,6 +126,21 @@ def test_resume_continues_from_the_latest_checkpoint(tmp_path):
     assert read_metrics(run_dir)["global_steps"] == 6
 
 
+def test_a_fresh_run_never_overwrites_an_earlier_one(default_demo, tmp_path):
+    """Training into a run directory that already holds a run, without train.resume, stops before touching its
+    model, checkpoints, config or metrics (Hydra's own launch record, .hydra/ and the log, is rewritten)."""
+    _, run_dir = default_demo
+
+    def results():
+        return {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")
+                if p.is_file() and ".hydra" not in p.parts and p.name != "train.log"}
+
+    before = results()
+    out = run_cli([f"run.output_dir={run_dir}"], cwd=tmp_path)
+    assert out.returncode == 2 and "already holds a run; continue it with train.resume=true" in out.stderr
+    assert results() == before
+
+
 def test_resume_without_a_checkpoint_fails_early(tmp_path):
     """train.resume=true in a directory with no checkpoint stops with one sentence that says what to pass."""
     out = run_cli([*SMALL_DEMO, "train.resume=true", f"run.output_dir={tmp_path / 'empty'}"], cwd=tmp_path)

@@ -91,10 +91,13 @@ def training_arguments(cfg: DictConfig, run_dir: Path) -> TrainingArguments:
 
 
 def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
-    """The checkpoint train.resume asks for: None (start fresh), the latest `checkpoint-*` of the run directory
-    (true), or a given checkpoint directory; ConfigError when there is none to resume."""
+    """The checkpoint train.resume asks for: None (start fresh, in a directory that holds no earlier run), the
+    latest `checkpoint-*` of the run directory (true), or a given checkpoint directory; ConfigError otherwise."""
     resume = cfg.train.resume
     if resume is False or resume is None:
+        if any(run_dir.glob("checkpoint-*")) or (run_dir / "metrics.json").exists():
+            raise ConfigError(f"{run_dir} already holds a run; continue it with train.resume=true, or choose "
+                              "another run.output_dir (nothing there is overwritten).")
         return None
     if resume is True:
         checkpoints = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))

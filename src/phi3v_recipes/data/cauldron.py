@@ -46,7 +46,7 @@ epoch then takes as many steps as the dataset has questions, several per documen
 """
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +167,30 @@ def _problem(where: str, *reasons: str | None) -> str | None:
     return f"{where}: {'; '.join(found)}; fix or drop the row." if found else None
 
 
+def _cauldron_rows(
+    ds: datasets.Dataset, label: str, id_prefix: str, rows: range, expected_images: int | None, first_only: bool,
+    problems: list[str],
+) -> Iterator[tuple[int, str, list[tuple[str, str]], tuple[DatasetImage, ...]]]:
+    """(row, sample id, (user, assistant) pairs, lazy images) of each usable the_cauldron row among `rows`; a
+    problem line for each unusable one goes to `problems`."""
+    _columns(ds, label, ["images", "texts"])
+    images = _arrow(ds, "images")
+    counts = _image_counts(images, "images")
+    texts = _arrow(ds, "texts")[rows.start : rows.stop]["texts"].to_pylist()
+    for row, text_list in zip(rows, texts, strict=True):
+        sample_id = f"{id_prefix}-{row}"
+        pairs, text_problem = _texts(text_list, first_only)
+        problem = _problem(f"{label} row {row} (id {sample_id})", _image_problem(counts[row], expected_images),
+                           text_problem)
+        if problem:
+            problems.append(problem)
+            continue
+        refs = tuple(
+            DatasetImage(images, "images", row, k, f"{label} row {row} image {k + 1}") for k in range(counts[row])
+        )
+        yield row, sample_id, pairs, refs
+
+
 def load_cauldron(task: Any, split: str) -> Loaded:
     """A the_cauldron config with a train/eval holdout (`nlvr2`, `hateful_memes`, ...).
 
@@ -176,7 +200,6 @@ def load_cauldron(task: Any, split: str) -> Loaded:
     source, subset, dsplit = task.dataset, task.subset, task.get("split", "train")
     label = _label(source, subset, dsplit)
     ds = open_dataset(source, subset, dsplit)
-    _columns(ds, label, ["images", "texts"])
     holdout = int(task.eval_holdout)
     if holdout < 0 or holdout >= len(ds):
         raise ConfigError(
@@ -190,21 +213,10 @@ def load_cauldron(task: Any, split: str) -> Loaded:
     first_only = split != "train" or turns_mode == "first"
     expected = task.get("num_images")
 
-    images = _arrow(ds, "images")
-    counts = _image_counts(images, "images")
-    texts = _arrow(ds, "texts")[:]["texts"].to_pylist()
-    samples, problems = [], []
-    for row in rows:
-        sample_id = f"{subset or 'cauldron'}-{dsplit}-{row}"
-        where = f"{label} row {row} (id {sample_id})"
-        pairs, text_problem = _texts(texts[row], first_only)
-        problem = _problem(where, _image_problem(counts[row], expected), text_problem)
-        if problem:
-            problems.append(problem)
-            continue
-        refs = tuple(
-            DatasetImage(images, "images", row, k, f"{label} row {row} image {k + 1}") for k in range(counts[row])
-        )
+    samples: list[Sample] = []
+    problems: list[str] = []
+    for row, sample_id, pairs, refs in _cauldron_rows(ds, label, f"{subset or 'cauldron'}-{dsplit}", rows, expected,
+                                                      first_only, problems):
         turns = [Turn(user=user, assistant=answer, images=refs if k == 0 else ())
                  for k, (user, answer) in enumerate(pairs)]
         samples.append(Sample(id=sample_id, turns=turns, origin=f"{label} row {row}"))
@@ -224,22 +236,10 @@ def _docvqa_rows(
     samples, problems = [], []
     seed, suffix = task.seed, task.prompt_suffix
     if "texts" in ds.column_names:
-        _columns(ds, label, ["images"])
-        images = _arrow(ds, "images")
-        counts = _image_counts(images, "images")
-        texts = _arrow(ds, "texts")[:]["texts"].to_pylist()
         per_document = task.get("per_document", "one")
         if per_document not in ("one", "all"):
             raise ConfigError(f"task.per_document={per_document!r}: choose one or all.")
-        for row in range(len(ds)):
-            sample_id = f"{name}-{row}"
-            where = f"{label} row {row} (id {sample_id})"
-            pairs, text_problem = _texts(texts[row], first_only=False)
-            problem = _problem(where, _image_problem(counts[row], 1), text_problem)
-            if problem:
-                problems.append(problem)
-                continue
-            image = (DatasetImage(images, "images", row, 0, f"{label} row {row} image 1"),)
+        for row, sample_id, pairs, image in _cauldron_rows(ds, label, name, range(len(ds)), 1, False, problems):
             if train and per_document == "one":
                 chosen = [_pick(seed, row, range(len(pairs)))]
             else:

@@ -158,6 +158,18 @@ def test_cli_cfg_job_shows_zero2_bf16_flash_and_the_seed_lr(tmp_path):
     assert "stage: 2" in out.stdout and "flash_attention_2" in out.stdout and "lr: 1.0e-05" in out.stdout
 
 
+def test_an_unreachable_model_is_one_sentence_naming_the_setting(tmp_path):
+    """Offline, a hub model id (or a missing directory) stops with the setting to change, not a download
+    traceback."""
+    (tmp_path / "train.jsonl").write_text('{"id": 1, "conversations": [{"user": "hi", "assistant": "yo"}]}\n')
+    out = run_cli(["task=jsonl", "hardware=cpu", f"task.train_file={tmp_path / 'train.jsonl'}",
+                   "train.global_batch_size=1", "train.batch_size=1", "model.name_or_path=no-such-org/no-such-model"],
+                  cwd=tmp_path)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "error: cannot load the processor from model.name_or_path=no-such-org/no-such-model" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_cli_configuration_error_is_one_line_without_traceback(tmp_path):
     """A configuration mistake exits with code 2 and one `error:` sentence, before any model or data work."""
     out = run_cli(["train.global_batch_size=20", "train.batch_size=8"], cwd=tmp_path)

@@ -129,6 +129,13 @@ def validate(cfg: DictConfig, world: int | None = None) -> None:
 def check_hardware(cfg: DictConfig) -> None:
     """Attention, precision and device settings that this machine can run (training and inference)."""
     model, hardware = cfg.model, cfg.hardware
+    if hardware.name != "cpu":
+        import torch
+
+        _require(
+            torch.cuda.is_available(),
+            f"hardware={hardware.name} needs a CUDA GPU and none is visible; use hardware=cpu on this machine.",
+        )
     flash = model.attn_implementation == "flash_attention_2"
     _require(
         not (flash and hardware.precision == "fp16"),
@@ -145,13 +152,6 @@ def check_hardware(cfg: DictConfig) -> None:
         "flash attention is requested but flash-attn is not installed; pip install 'phi3v-recipes[flash]' (GPU "
         "only), or set model.attn_implementation=sdpa.",
     )
-    if hardware.name != "cpu":
-        import torch
-
-        _require(
-            torch.cuda.is_available(),
-            f"hardware={hardware.name} needs a CUDA GPU and none is visible; use hardware=cpu on this machine.",
-        )
 
 
 def _explicit_output_dir(cfg: DictConfig) -> bool:

@@ -7,7 +7,8 @@ the same `from_pretrained` path as a real checkpoint.
 """
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch
 from omegaconf import DictConfig
 from transformers import AutoModelForCausalLM
 
+from phi3v_recipes.config import ConfigError
 from phi3v_recipes.model import Phi3VForCausalLM, Phi3VProcessor
 from phi3v_recipes.model.tiny import TINY_NUM_IMG_TOKENS, build_tiny_processor, tiny_model_config
 from phi3v_recipes.strategy import quantization_config
@@ -37,9 +39,24 @@ def model_path(cfg: DictConfig, run_dir: Path) -> str:
     return str(run_dir / "tiny_base") if cfg.model.name_or_path == TINY else cfg.model.name_or_path
 
 
+@contextmanager
+def _loading(what: str, path: str) -> Iterator[None]:
+    """Turn a failed download or an unreadable directory into one sentence naming the setting to change."""
+    try:
+        yield
+    except OSError as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"cannot load the {what} from model.name_or_path={path} ({reason}); give a local directory in the "
+            "official layout or a run directory, a hub id with network access (or in the local hub cache), or "
+            "model=tiny for the offline demo model."
+        ) from None
+
+
 def load_processor(path: str, num_crops: int) -> Phi3VProcessor:
     source = adapter_base(path) or path
-    processor = Phi3VProcessor.from_pretrained(path if _has_processor(path) else source)
+    with _loading("processor", path):
+        processor = Phi3VProcessor.from_pretrained(path if _has_processor(path) else source)
     processor.image_processor.num_crops = num_crops
     return processor
 
@@ -56,11 +73,12 @@ def load_model(cfg: DictConfig, path: str, for_training: bool = True) -> torch.n
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": _local_device()}
     base = adapter_base(path)
-    model = AutoModelForCausalLM.from_pretrained(base or path, **kwargs)
-    if base:
-        from peft import PeftModel
+    with _loading("model", path):
+        model = AutoModelForCausalLM.from_pretrained(base or path, **kwargs)
+        if base:
+            from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, path, is_trainable=for_training)
+            model = PeftModel.from_pretrained(model, path, is_trainable=for_training)
     return model
 
 

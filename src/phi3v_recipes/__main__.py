@@ -6,13 +6,11 @@
 """
 
 import os
-import sys
 
 import hydra
 from omegaconf import DictConfig
 
-from phi3v_recipes.config import ConfigError, register_resolvers
-from phi3v_recipes.data.sample import SampleError
+from phi3v_recipes.config import exit_on_user_error, register_resolvers
 
 register_resolvers()
 # The tokenizer runs in the main process before the DataLoader forks its workers: keep it single-threaded there.
@@ -23,12 +21,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def main(cfg: DictConfig) -> float | None:
     from phi3v_recipes.train import run
 
-    try:
-        metrics = run(cfg)
-    except (ConfigError, SampleError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    return metrics.get("eval_after")
+    return exit_on_user_error(run, cfg).get("eval_after")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,11 @@ never a traceback from deep inside a library.
 
 import importlib.util
 import os
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
@@ -19,6 +22,21 @@ ATTENTION = ("eager", "sdpa", "flash_attention_2")
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message says what to change."""
+
+
+T = TypeVar("T")
+
+
+def exit_on_user_error(run: Callable[[DictConfig], T], cfg: DictConfig) -> T:
+    """`run(cfg)`, where a mistake in the configuration or the data ends the process with exit code 2 and its one
+    `error:` sentence on stderr instead of a traceback (what every entrypoint does)."""
+    from phi3v_recipes.data.sample import SampleError
+
+    try:
+        return run(cfg)
+    except (ConfigError, SampleError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def rank() -> int:

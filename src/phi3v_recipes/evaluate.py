@@ -6,13 +6,18 @@ into run.output_dir and prints the score.
 """
 
 import json
-import sys
 
 import hydra
 from omegaconf import DictConfig
 
-from phi3v_recipes.config import ConfigError, check_hardware, output_dir, rank, register_resolvers
-from phi3v_recipes.data.sample import SampleError
+from phi3v_recipes.config import (
+    ConfigError,
+    check_hardware,
+    exit_on_user_error,
+    output_dir,
+    rank,
+    register_resolvers,
+)
 from phi3v_recipes.files import atomic_write_text
 
 register_resolvers()
@@ -47,11 +52,7 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path="pkg://phi3v_recipes.conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    try:
-        return run(cfg)["score"]
-    except (ConfigError, SampleError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    return exit_on_user_error(run, cfg)["score"]
 
 
 if __name__ == "__main__":

@@ -29,6 +29,23 @@ def stop_token_ids(processor: Any, model: torch.nn.Module) -> list[int]:
 
 
 @torch.no_grad()
+def answer_batch(
+    model: torch.nn.Module, processor: Any, texts: Sequence[str], images: Sequence[list], max_new_tokens: int,
+    stops: list[int],
+) -> list[str]:
+    """Greedy replies to one batch of chat-templated prompts (left-padded), stripped of whitespace."""
+    inputs = processor(list(texts), images=list(images), padding_side="left").to(next(model.parameters()).device)
+    output = model.generate(
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=stops,
+        pad_token_id=processor.tokenizer.pad_token_id,
+    )
+    answers = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return [a.strip() for a in answers]
+
+
 def generate_answers(
     model: torch.nn.Module, processor: Any, samples: Sequence[Sample], batch_size: int, max_new_tokens: int,
     show_progress: bool = True,
@@ -36,24 +53,15 @@ def generate_answers(
     """Greedy answers to the first turn of each sample, in order."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
     answers: list[str] = []
     stops = stop_token_ids(processor, model)
     batches = range(0, len(samples), batch_size)
     for start in tqdm(batches, desc="generating", disable=not show_progress, leave=False):
         prompts, images = zip(*(generation_prompt(s, processor) for s in samples[start : start + batch_size]),
                               strict=True)
-        inputs = processor(list(prompts), images=list(images), padding_side="left").to(device)
-        output = model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=stops,
-            pad_token_id=processor.tokenizer.pad_token_id,
-        )
-        answers += processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        answers += answer_batch(model, processor, prompts, images, max_new_tokens, stops)
     model.train(was_training)
-    return [a.strip() for a in answers]
+    return answers
 
 
 def evaluate(

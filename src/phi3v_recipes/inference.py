@@ -9,19 +9,17 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from phi3v_recipes.config import ConfigError
-from phi3v_recipes.loading import TINY, load_model, load_processor
+from phi3v_recipes.loading import TINY, load_model, load_processor, local_device
 
 
 def init_distributed() -> torch.device:
     """Join torchrun's process group (if any) and return this rank's device."""
-    cuda = torch.cuda.is_available()
+    device = local_device()
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-    if cuda:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-        return device
-    return torch.device("cpu")
+    return device
 
 
 def load_for_inference(cfg: DictConfig) -> tuple[torch.nn.Module, Any]:

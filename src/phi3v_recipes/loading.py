@@ -7,6 +7,7 @@ the same `from_pretrained` path as a real checkpoint.
 """
 
 import json
+import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -71,7 +72,7 @@ def load_model(cfg: DictConfig, path: str, for_training: bool = True) -> torch.n
     quant = quantization_config(cfg) if for_training else None
     if quant is not None:
         kwargs["quantization_config"] = quant
-        kwargs["device_map"] = {"": _local_device()}
+        kwargs["device_map"] = {"": local_device()}
     base = adapter_base(path)
     with _loading("model", path):
         model = AutoModelForCausalLM.from_pretrained(base or path, **kwargs)
@@ -94,9 +95,8 @@ def _has_processor(path: str) -> bool:
     return not Path(path).is_dir() or (Path(path) / "preprocessor_config.json").is_file()
 
 
-def _local_device() -> str:
-    import os
-
+def local_device() -> torch.device:
+    """This rank's GPU (torchrun's LOCAL_RANK), or the CPU."""
     if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    return "cpu"
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")

@@ -8,14 +8,13 @@ dropped and redone).
 """
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig
 
-from phi3v_recipes.config import ConfigError, check_hardware, register_resolvers
+from phi3v_recipes.config import ConfigError, check_hardware, exit_on_user_error, register_resolvers
 from phi3v_recipes.data.sample import Sample, SampleError
 
 register_resolvers()
@@ -48,11 +47,10 @@ def answered_ids(output: Path) -> set[str]:
 
 def run(cfg: DictConfig) -> int:
     """Answer every unanswered conversation of cfg.input into cfg.output; return how many were answered now."""
-    import torch
     from tqdm.auto import tqdm
 
     from phi3v_recipes.data.jsonl import read_jsonl
-    from phi3v_recipes.evaluation import stop_token_ids
+    from phi3v_recipes.evaluation import answer_batch, stop_token_ids
     from phi3v_recipes.inference import load_for_inference
 
     if not cfg.get("input") or not cfg.get("output"):
@@ -70,16 +68,13 @@ def run(cfg: DictConfig) -> int:
     model, processor = load_for_inference(cfg)
     stops = stop_token_ids(processor, model)
     output.parent.mkdir(parents=True, exist_ok=True)
-    with output.open("a", encoding="utf-8") as out, torch.no_grad():
+    with output.open("a", encoding="utf-8") as out:
         for start in tqdm(range(0, len(todo), cfg.eval.batch_size), desc="predicting"):
             batch = todo[start : start + cfg.eval.batch_size]
             texts, images = zip(*(conversation_prompt(s, processor) for s in batch), strict=True)
-            inputs = processor(list(texts), images=list(images), padding_side="left").to(model.device)
-            generated = model.generate(**inputs, max_new_tokens=cfg.eval.max_new_tokens, do_sample=False,
-                                       eos_token_id=stops, pad_token_id=processor.tokenizer.pad_token_id)
-            answers = processor.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-            out.write("".join(json.dumps({"id": s.id, "answer": a.strip()}) + "\n" for s, a in zip(batch, answers,
-                                                                                                  strict=True)))
+            answers = answer_batch(model, processor, texts, images, cfg.eval.max_new_tokens, stops)
+            out.write("".join(json.dumps({"id": s.id, "answer": a}) + "\n" for s, a in zip(batch, answers,
+                                                                                          strict=True)))
             out.flush()
     print(f"answered {len(todo)} conversations ({len(done)} were already done): {output}", flush=True)
     return len(todo)
@@ -87,11 +82,7 @@ def run(cfg: DictConfig) -> int:
 
 @hydra.main(version_base="1.3", config_path="pkg://phi3v_recipes.conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except (ConfigError, SampleError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    exit_on_user_error(run, cfg)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Validation of samples before training: every problem found up front, named by file:line and id.
 
-`count_tokens` measures a sample exactly as `encode_sample` lays it out, from image sizes alone (no HD transform),
-so the whole dataset can be checked in one cheap pass. `screen` applies `data.on_error`: `raise` stops with the
+`count_tokens` measures a sample exactly as `encode_sample` lays it out, from image sizes (no HD transform; each
+image is opened once, which also proves it readable), so the whole dataset is checked in one pass. `screen` applies `data.on_error`: `raise` stops with the
 first problems listed; `skip` drops the bad samples, counts them and returns them for the run's skip report.
 
 As a command, it checks a jsonl file before any training and lists every problem, one per line:

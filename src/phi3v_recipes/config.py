@@ -29,14 +29,22 @@ T = TypeVar("T")
 
 def exit_on_user_error(run: Callable[[DictConfig], T], cfg: DictConfig) -> T:
     """`run(cfg)`, where a mistake in the configuration or the data ends the process with exit code 2 and its one
-    `error:` sentence on stderr instead of a traceback (what every entrypoint does)."""
+    `error:` sentence on stderr instead of a traceback (what every entrypoint does). After a successful run under
+    torchrun, the ranks leave together: a rank that exits while another still uses the process group can abort
+    in the communication library's teardown."""
     from phi3v_recipes.data.sample import SampleError
 
     try:
-        return run(cfg)
+        result = run(cfg)
     except (ConfigError, SampleError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
 
 
 def rank() -> int:

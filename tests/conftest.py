@@ -87,7 +87,7 @@ def read_metrics(run_dir: Path) -> dict:
 def compose_config(*overrides: str):
     register_resolvers()
     with initialize_config_module(config_module="phi3v_recipes.conf", version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+        return compose(config_name="train", overrides=list(overrides))
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,7 @@
 
     python -m phi3v_recipes                                      # the built-in demo, on CPU
     torchrun --nproc_per_node=8 -m phi3v_recipes task=nlvr2 strategy=full hardware=a100 optim.lr=2e-5
-    python -m phi3v_recipes -m task=demo optim.lr=1e-4,3e-4      # a sweep (see conf/config.yaml)
+    python -m phi3v_recipes -m task=demo optim.lr=1e-4,3e-4      # a sweep (see conf/train.yaml)
 """
 
 import os
@@ -17,7 +17,7 @@ register_resolvers()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-@hydra.main(version_base="1.3", config_path="pkg://phi3v_recipes.conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="pkg://phi3v_recipes.conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     from phi3v_recipes.train import run
 

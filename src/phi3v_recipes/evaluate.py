@@ -50,7 +50,7 @@ def run(cfg: DictConfig) -> dict:
     return result
 
 
-@hydra.main(version_base="1.3", config_path="pkg://phi3v_recipes.conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="pkg://phi3v_recipes.conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     return exit_on_user_error(run, cfg)["score"]
 

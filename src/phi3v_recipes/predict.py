@@ -80,7 +80,7 @@ def run(cfg: DictConfig) -> int:
     return len(todo)
 
 
-@hydra.main(version_base="1.3", config_path="pkg://phi3v_recipes.conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="pkg://phi3v_recipes.conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     exit_on_user_error(run, cfg)
 

@@ -1,6 +1,6 @@
 """Summary of a multirun sweep: one row per job, its overrides and final metrics.
 
-Hydra calls `SweepSummary.on_multirun_end` after the last job (wired in conf/config.yaml); it writes
+Hydra calls `SweepSummary.on_multirun_end` after the last job (wired in conf/train.yaml); it writes
 `summary.json` and an aligned `summary.txt` into the sweep directory. A job that failed or has not written its
 metrics shows as such, so a partial sweep still gets a table.
 """

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import TrainingArguments, set_seed
 
 from phi3v_recipes.config import (
     ConfigError,
@@ -37,6 +37,7 @@ from phi3v_recipes.evaluation import evaluate
 from phi3v_recipes.files import atomic_write_text
 from phi3v_recipes.loading import TINY, load_model, load_processor, model_path, write_tiny_base
 from phi3v_recipes.strategy import apply_strategy
+from phi3v_recipes.trainer import RecipeTrainer
 
 log = logging.getLogger("phi3v_recipes")
 
@@ -159,7 +160,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.eval.before:
         run_eval("eval_before", model)
 
-    trainer = Trainer(
+    trainer = RecipeTrainer(
+        recipe=cfg,
         model=model,
         args=args,
         train_dataset=EncodedDataset(train_samples, processor, cfg.data.max_length),

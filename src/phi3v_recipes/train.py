@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import Dataset
 from transformers import TrainingArguments, set_seed
 
 from phi3v_recipes.config import (
@@ -30,8 +29,8 @@ from phi3v_recipes.config import (
 )
 from phi3v_recipes.data.check import screen
 from phi3v_recipes.data.collate import PaddingCollator
-from phi3v_recipes.data.encode import encode_sample
-from phi3v_recipes.data.sample import Sample, SampleError
+from phi3v_recipes.data.dataset import EncodedDataset
+from phi3v_recipes.data.sample import SampleError
 from phi3v_recipes.data.tasks import load_split
 from phi3v_recipes.evaluation import evaluate
 from phi3v_recipes.files import atomic_write_text
@@ -40,19 +39,6 @@ from phi3v_recipes.strategy import apply_strategy
 from phi3v_recipes.trainer import RecipeTrainer
 
 log = logging.getLogger("phi3v_recipes")
-
-
-class EncodedDataset(Dataset):
-    """Samples encoded on access (in DataLoader workers): HD transform, chat template, loss mask."""
-
-    def __init__(self, samples: list[Sample], processor: Any, max_length: int | None):
-        self.samples, self.processor, self.max_length = samples, processor, max_length
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return encode_sample(self.samples[index], self.processor, self.max_length)
 
 
 def training_arguments(cfg: DictConfig, run_dir: Path) -> TrainingArguments:
@@ -136,9 +122,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 write_tiny_base(run_dir / "tiny_base", texts, cfg.train.seed)
     processor = load_processor(path, cfg.data.num_crops)
 
-    train_samples, skipped = screen(train_samples, processor, cfg.data.max_length, cfg.data.on_error, train_problems)
-    eval_samples, eval_skipped = screen(eval_samples, processor, cfg.data.max_length, cfg.data.on_error,
-                                        eval_problems)
+    data = cfg.data
+    train_samples, skipped = screen(train_samples, processor, data.max_length, data.on_error, train_problems,
+                                    data.max_image_pixels)
+    eval_samples, eval_skipped = screen(eval_samples, processor, data.max_length, data.on_error, eval_problems,
+                                        data.max_image_pixels)
     if cfg.eval.max_samples is not None:
         eval_samples = eval_samples[: cfg.eval.max_samples]
     if main and (skipped or eval_skipped):
@@ -164,7 +152,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         recipe=cfg,
         model=model,
         args=args,
-        train_dataset=EncodedDataset(train_samples, processor, cfg.data.max_length),
+        train_dataset=EncodedDataset(train_samples, processor, data.max_length, data.on_error, data.max_image_pixels),
         data_collator=PaddingCollator(processor.tokenizer.pad_token_id),
         processing_class=processor,
     )

@@ -12,7 +12,7 @@ Where the data comes from (`task.dataset`, and for DocVQA `task.mini_dataset` / 
   Dataset is used whatever the split name.
 
 Rows are never decoded up front: the text columns and the image counts are read from Arrow, and each image is
-a `DatasetImage`, a zero-argument callable that decodes that one image of that row when the sample is encoded
+a `DatasetImage`, a zero-argument callable that opens that one image of that row when the sample is encoded
 (or checked). A row that cannot become a sample (no image, the wrong number of images, missing or non-string
 texts, no reference answers) is a problem naming the dataset, split and row, handled with `data.on_error`
 like any other bad sample; an image whose bytes do not decode is caught by the same check before training.
@@ -45,6 +45,7 @@ the same one every epoch). `task.per_document: all` trains on every question of 
 epoch then takes as many steps as the dataset has questions, several per document).
 """
 
+import io
 import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -61,10 +62,11 @@ Loaded = tuple[list[Sample], list[str]]
 
 
 class DatasetImage:
-    """Image `index` of row `row` of a dataset's image column, decoded when called.
+    """Image `index` of row `row` of a dataset's image column, opened when called (header read, pixels not yet
+    decoded: `load_image` checks the size first, then decodes).
 
     `column` holds a `datasets.Image` (DocVQA's `image`) or a list of them (cauldron's `images`; then `index`
-    picks one). Decoding failures raise OSError, which `load_image` reports as an unreadable image.
+    picks one). Failures raise OSError, which `load_image` reports as an unreadable image.
     """
 
     __slots__ = ("table", "column", "row", "index", "label")
@@ -79,7 +81,7 @@ class DatasetImage:
         if not value or (value.get("bytes") is None and not value.get("path")):
             raise OSError("the row holds no data for this image")
         try:
-            return datasets.Image().decode_example(value)
+            return Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value["path"])
         except (OSError, ValueError) as err:
             raise OSError(f"{type(err).__name__}: {err}") from None
 

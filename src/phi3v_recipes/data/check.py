@@ -1,17 +1,20 @@
 """Validation of samples before training: every problem found up front, named by file:line and id.
 
 `count_tokens` measures a sample exactly as `encode_sample` lays it out, from image sizes (no HD transform; each
-image is opened once, which also proves it readable), so the whole dataset is checked in one pass. `screen` applies `data.on_error`: `raise` stops with the
-first problems listed; `skip` drops the bad samples, counts them and returns them for the run's skip report.
+image is read once as training reads it, decoded and within data.max_image_pixels, which proves it usable), so
+the whole dataset is checked in one pass. `screen` applies `data.on_error`: `raise` stops with the first problems
+listed; `skip` drops the bad samples, counts them and returns them for the run's skip report.
 
 As a command, it checks a jsonl file before any training and lists every problem, one per line:
 
     python -m phi3v_recipes.data.check train.jsonl [--image_root DIR] [--num_crops 16] [--max_length 4096]
-                                                   [--model tiny|<processor dir or hub id>]
+                                                   [--max_image_pixels N] [--model tiny|<processor dir or hub id>]
 
-Problems: lines that are not JSON, missing or mistyped fields, missing or unreadable images, image tags in a
-turn's text that do not match its images, and samples longer than --max_length. The exit status is 1 when
-anything is wrong, 0 otherwise (2 when the file or the processor cannot be opened). Token counts need a
+Problems: lines that are not JSON, missing or mistyped fields, duplicate ids, missing or unreadable images,
+images over --max_image_pixels pixels (default: data.max_image_pixels of conf/train.yaml), image tags in a
+turn's text that do not match its images, and samples longer than --max_length. Notes (`note:`, not problems):
+animated images, of which only the first frame is used. The exit status is 1 when anything is wrong, 0
+otherwise (2 when the file or the processor cannot be opened). Token counts need a
 processor: the default `tiny` one counts image tokens exactly as Phi-3-V does (144 per crop, the HD layout of
 --num_crops), but its small tokenizer only approximates the text tokens; `--model` with a real processor (a
 model directory, or a hub id in the local cache) gives the exact counts that `data.max_length` compares.
@@ -32,10 +35,12 @@ from phi3v_recipes.model.processing_phi3v import END_TOKEN, IMAGE_TAG_PATTERN
 MAX_LISTED = 10
 
 
-def count_tokens(sample: Sample, processor: Any, images: Sequence[Sequence[Any]] | None = None) -> int:
+def count_tokens(sample: Sample, processor: Any, images: Sequence[Sequence[Any]] | None = None,
+                 max_pixels: int | None = None) -> int:
     """Length of `encode_sample(sample, processor)["input_ids"]`, image tokens included; raises SampleError.
 
-    `images`, when given, are the turns' images already loaded (one list per turn), so they are not read twice.
+    `images`, when given, are the turns' images already loaded (one list per turn), so they are not read twice;
+    otherwise they are read with the `max_pixels` limit (data.max_image_pixels), as training reads them.
     """
     tokenizer = processor.tokenizer
     total = 1  # the closing <|endoftext|>
@@ -44,7 +49,7 @@ def count_tokens(sample: Sample, processor: Any, images: Sequence[Sequence[Any]]
         total += sum(len(ids) for ids in chunks)
         if k > 0 and chunks[0][:1] == [tokenizer.bos_token_id]:
             total -= 1  # encode_sample keeps one BOS, at the start of the conversation
-        loaded = images[k] if images is not None else [load_image(ref, sample) for ref in turn.images]
+        loaded = images[k] if images is not None else [load_image(ref, sample, max_pixels) for ref in turn.images]
         for image in loaded:
             try:
                 total += processor.num_image_tokens_for(image)
@@ -54,17 +59,22 @@ def count_tokens(sample: Sample, processor: Any, images: Sequence[Sequence[Any]]
     return total
 
 
-def check_sample(sample: Sample, processor: Any, max_length: int | None) -> int:
+def check_sample(sample: Sample, processor: Any, max_length: int | None, max_pixels: int | None = None) -> int:
     """Token count of a usable sample; SampleError naming its first problem otherwise."""
-    n_tokens, problems = sample_problems(sample, processor, max_length)
+    n_tokens, problems = sample_problems(sample, processor, max_length, max_pixels)
     if problems:
         raise SampleError(problems[0])
     return n_tokens
 
 
-def sample_problems(sample: Sample, processor: Any, max_length: int | None) -> tuple[int | None, list[str]]:
+def sample_problems(
+    sample: Sample, processor: Any, max_length: int | None, max_pixels: int | None = None,
+    notes: list[str] | None = None,
+) -> tuple[int | None, list[str]]:
     """(token count or None, every problem of the sample): unlike `check_sample`, it does not stop at the
-    first one: each turn's texts and image tags and each image are checked, then the length of a sound sample."""
+    first one: each turn's texts and image tags and each image (read as training reads it: decoded, at most
+    `max_pixels` pixels) are checked, then the length of a sound sample. Remarks that are not problems (an
+    animation's first frame is used) go to `notes`."""
     if not sample.turns:
         return None, [f"{sample.where}: the conversation has no turns."]
     problems: list[str] = []
@@ -80,7 +90,7 @@ def sample_problems(sample: Sample, processor: Any, max_length: int | None) -> t
             problems.append(str(err))
         for ref in turn.images:
             try:
-                images[k].append(load_image(ref, sample))
+                images[k].append(load_image(ref, sample, max_pixels, notes))
             except SampleError as err:
                 problems.append(str(err))
     if problems:
@@ -95,15 +105,17 @@ def sample_problems(sample: Sample, processor: Any, max_length: int | None) -> t
 
 
 def screen(
-    samples: Sequence[Sample], processor: Any, max_length: int | None, on_error: str, errors: Sequence[str] = ()
+    samples: Sequence[Sample], processor: Any, max_length: int | None, on_error: str, errors: Sequence[str] = (),
+    max_pixels: int | None = None,
 ) -> tuple[list[Sample], list[str]]:
-    """(usable samples, problems). `errors` are problems found earlier (e.g. unparsable lines)."""
+    """(usable samples, problems). `errors` are problems found earlier (e.g. unparsable lines); images are read
+    as training reads them (`max_pixels`: data.max_image_pixels)."""
     if on_error not in ("raise", "skip"):
         raise ValueError(f"data.on_error={on_error!r}: choose raise or skip.")
     problems = list(errors)
     kept = []
     for sample in samples:
-        found = sample_problems(sample, processor, max_length)[1]
+        found = sample_problems(sample, processor, max_length, max_pixels)[1]
         problems += found
         if not found:
             kept.append(sample)
@@ -120,6 +132,15 @@ def _line_of(message: str, path: Path) -> int:
     """The line number a problem message about `path` starts with (0 when it names none)."""
     match = re.match(re.escape(str(path)) + r":(\d+)", message)
     return int(match.group(1)) if match else 0
+
+
+def _train_default(key: str) -> Any:
+    """`key`'s default in the packaged conf/train.yaml, so that the command checks what training would."""
+    from importlib.resources import files
+
+    from omegaconf import OmegaConf
+
+    return OmegaConf.select(OmegaConf.create((files("phi3v_recipes.conf") / "train.yaml").read_text()), key)
 
 
 def _processor(model: str, num_crops: int) -> Any:
@@ -146,12 +167,17 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
     parser.add_argument("--num_crops", type=int, default=16, help="HD crops per image, as data.num_crops (1-16)")
     parser.add_argument("--max_length", type=int, default=None,
                         help="report samples longer than this many tokens, as data.max_length")
+    parser.add_argument("--max_image_pixels", type=int, default=_train_default("data.max_image_pixels"),
+                        help="report images with more pixels than this, as data.max_image_pixels (default: "
+                             "conf/train.yaml's)")
     parser.add_argument("--model", default="tiny",
                         help="processor counting the tokens: tiny (exact image tokens, approximate text tokens), "
                              "or a model directory / hub id for exact counts")
     args = parser.parse_args(argv)
     if not 1 <= args.num_crops <= 16:
         parser.error(f"--num_crops={args.num_crops}: choose 1 to 16")
+    if args.max_image_pixels is not None and args.max_image_pixels < 1:
+        parser.error(f"--max_image_pixels={args.max_image_pixels}: choose a positive number")
     try:
         samples, parse_problems = read_jsonl(args.jsonl, args.image_root)
     except FileNotFoundError as err:
@@ -165,14 +191,23 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
         return 2
 
     problems = [(_line_of(p, args.jsonl), p) for p in parse_problems]
+    notes: list[tuple[int, str]] = []
     lengths: list[tuple[int, str]] = []
+    first_use: dict[str, Sample] = {}
     for sample in samples:
-        n_tokens, found = sample_problems(sample, processor, args.max_length)
-        problems += [(_line_of(sample.origin, args.jsonl), p) for p in found]
+        line = _line_of(sample.origin, args.jsonl)
+        sample_notes: list[str] = []
+        n_tokens, found = sample_problems(sample, processor, args.max_length, args.max_image_pixels, sample_notes)
+        if sample.id in first_use:
+            found.append(f"{sample.where}: duplicate id, already used by {first_use[sample.id].origin}; give "
+                         "every sample its own id (evaluation and predict tell answers apart by id).")
+        first_use.setdefault(sample.id, sample)
+        problems += [(line, p) for p in found]
+        notes += [(line, n) for n in sample_notes]
         if n_tokens is not None and not found:
             lengths.append((n_tokens, sample.id))
-    for _, problem in sorted(problems, key=lambda item: item[0]):
-        out(problem)
+    for _, message in sorted(problems + notes, key=lambda item: item[0]):
+        out(message)
     if lengths:
         longest = max(lengths)
         mean = sum(n for n, _ in lengths) / len(lengths)

@@ -63,8 +63,11 @@ def too_long(sample: Sample, n_tokens: int, max_length: int) -> str:
     )
 
 
-def encode_sample(sample: Sample, processor: Any, max_length: int | None = None) -> dict[str, torch.Tensor]:
-    """Token ids, labels and pixels of a whole conversation (see the module docstring for the layout)."""
+def encode_sample(
+    sample: Sample, processor: Any, max_length: int | None = None, max_pixels: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Token ids, labels and pixels of a whole conversation (see the module docstring for the layout); images
+    over `max_pixels` pixels (data.max_image_pixels) make it a SampleError, like any unreadable image."""
     tokenizer = processor.tokenizer
     ids: list[int] = []
     labels: list[int] = []
@@ -74,7 +77,7 @@ def encode_sample(sample: Sample, processor: Any, max_length: int | None = None)
         content = user_content(sample, k)
         # The processor numbers a call's images from 1: renumber this turn's tags locally, shift ids back.
         local = _TAG_NUMBER.sub(lambda m, shift=seen_images: image_tag(int(m.group(1)) - shift), content)
-        images = [load_image(ref, sample) for ref in turn.images]
+        images = [load_image(ref, sample, max_pixels) for ref in turn.images]
         try:
             out = processor(prompt_text(processor, local), images=images or None, return_tensors="pt")
         except ValueError as err:

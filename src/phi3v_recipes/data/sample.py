@@ -1,14 +1,23 @@
 """A training/evaluation example: a conversation of turns, each with its images, plus the answers accepted at
-evaluation. Every task loader produces these; nothing downstream knows where the data came from."""
+evaluation. Every task loader produces these; nothing downstream knows where the data came from.
 
-from collections.abc import Callable
+Images are read as a user expects (`load_image`): EXIF orientation applied, 16-bit and float pixels scaled (not
+clipped) to 8 bits, transparency composited onto white, the first frame of an animation, and never more pixels
+than `data.max_image_pixels` (checked from the file header, before anything is decoded).
+"""
+
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 ImageRef = Image.Image | str | Path | Callable[[], Image.Image]
-"""An image, a path to one, or a callable that loads one (for lazily decoded dataset rows)."""
+"""An image, a path to one, or a callable that opens one (for dataset rows): it may return the image before its
+pixels are decoded (`Image.open`), so that its size is checked from the header first."""
 
 
 class SampleError(ValueError):
@@ -44,17 +53,70 @@ class Sample:
         return sum(len(turn.images) for turn in self.turns)
 
 
-def load_image(ref: ImageRef, sample: Sample) -> Image.Image:
-    """Open `ref` as an RGB-convertible PIL image; a missing or unreadable file raises SampleError naming it."""
-    if isinstance(ref, Image.Image):
-        return ref
+@contextmanager
+def _own_pixel_limit() -> Iterator[None]:
+    """PIL's process-wide decompression-bomb limit off while one image is read: `load_image` checks its own limit
+    (data.max_image_pixels) from the header instead, with a sentence rather than PIL's exception or warning.
+    Images are read by one thread per process (the main process, or each DataLoader worker)."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
     try:
-        if callable(ref):
-            return ref()
-        with Image.open(ref) as image:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def to_rgb8(image: Image.Image) -> Image.Image:
+    """8-bit RGB: 16-bit integer pixels scaled by 255/65535, other integer and float pixels scaled from their
+    own range (floats within [0, 1] by 255), palettes and alpha composited onto white."""
+    if image.mode.startswith("I") or image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+        if image.mode.startswith("I;16") or (image.mode == "I" and low >= 0 and high <= 65535):
+            scale, offset = 255.0 / 65535.0, 0.0
+        elif image.mode == "F" and low >= 0 and high <= 1:
+            scale, offset = 255.0, 0.0
+        else:
+            scale, offset = (255.0 / (high - low) if high > low else 0.0), low
+        pixels = np.clip(np.rint((values - offset) * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(pixels, mode="L").convert("RGB")
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(
+    ref: ImageRef, sample: Sample, max_pixels: int | None = None, notes: list[str] | None = None
+) -> Image.Image:
+    """`ref` as an 8-bit RGB image, upright (EXIF orientation applied); SampleError naming the sample and image
+    when it is missing, unreadable, or has more than `max_pixels` pixels (checked before decoding; None: no
+    limit). Facts worth a user's attention (only the first frame of an animation is used) go to `notes`."""
+    if isinstance(ref, Image.Image):
+        return to_rgb8(ref)
+    try:
+        with _own_pixel_limit(), (ref() if callable(ref) else Image.open(ref)) as image:
+            width, height = image.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise SampleError(
+                    f"{sample.where}: image {ref} is {width}x{height} = {width * height} pixels, more than "
+                    f"data.max_image_pixels={max_pixels}; downscale it, raise data.max_image_pixels, or set "
+                    "data.on_error=skip to drop such samples."
+                )
+            frames = getattr(image, "n_frames", 1)
             image.load()
-            return image
+            if frames > 1 and notes is not None:
+                notes.append(f"{sample.where}: note: image {ref} is animated ({frames} frames); only its first frame "
+                             "is used.")
+            upright = ImageOps.exif_transpose(image)
+            return to_rgb8(upright)
     except FileNotFoundError:
         raise SampleError(f"{sample.where}: image {ref} does not exist; fix the path or the image root.") from None
-    except (UnidentifiedImageError, OSError) as err:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        if isinstance(err, SampleError):
+            raise
         raise SampleError(f"{sample.where}: image {ref} cannot be read ({err}); replace or drop it.") from None

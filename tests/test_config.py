@@ -113,7 +113,7 @@ def test_demo_defaults_to_the_tiny_model_on_cpu():
         (["hardware=cpu", "train.global_batch_size=64", "train.batch_size=3"], 1, "not divisible"),
         (["hardware=cpu", "train.global_batch_size=16", "train.batch_size=4"], 3, "multiple of 12"),
         (["task=jsonl", "hardware=cpu"], 1, "task.train_file is required"),
-        (["hardware=cpu", "data.num_crops=17"], 1, "choose 1 to 16"),
+        (["hardware=cpu", "data.num_crops=17"], 1, "data.num_crops=17 is out of range"),
         (["hardware=cpu", "data.on_error=ignore"], 1, "choose raise or skip"),
     ],
 )

@@ -5,13 +5,16 @@ never a traceback from deep inside a library.
 """
 
 import importlib.util
+import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
@@ -95,6 +98,116 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+@dataclass(frozen=True)
+class Setting:
+    """A setting that must be a number (or true/false) in a range: one row of `SETTINGS`."""
+
+    key: str
+    kind: type  # int (whole numbers), float (any number) or bool
+    low: float | None = None  # smallest allowed value (inclusive unless low_open)
+    high: float | None = None  # largest allowed value (inclusive unless high_open)
+    low_open: bool = False
+    high_open: bool = False
+    nullable: bool = False  # null allowed (it means what the key's comment in conf/ says)
+
+    def problem(self, value: Any) -> str | None:
+        """The sentence for a bad `value`, None when it is fine."""
+        if value is None:
+            return None if self.nullable else f"{self.key} is null; {self._wanted()}."
+        if self.kind is bool:
+            ok = isinstance(value, bool)
+        elif isinstance(value, bool) or not isinstance(value, int | float):
+            ok = False
+        else:
+            ok = math.isfinite(value) and (self.kind is float or isinstance(value, int))
+        if not ok:
+            return f"{self.key}={value!r} is not {self._kind_name()}; {self._wanted()}."
+        too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        if too_low or too_high:
+            return f"{self.key}={value} is out of range; {self._wanted()}."
+        return None
+
+    def _kind_name(self) -> str:
+        return {bool: "true or false", int: "a whole number", float: "a number"}[self.kind]
+
+    def _wanted(self) -> str:
+        bounds = []
+        if self.low is not None:
+            bounds.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+        if self.high is not None:
+            bounds.append(f"{'<' if self.high_open else '<='} {self.high:g}")
+        null = " (or null)" if self.nullable else ""
+        return f"give {self._kind_name()}{' ' + ' and '.join(bounds) if bounds else ''}{null}"
+
+
+# Every numeric and true/false knob of the entrypoints' configs; a key that a config does not have is not checked.
+SETTINGS = (
+    Setting("data.num_crops", int, 1, 16),
+    Setting("data.max_length", int, 1, nullable=True),
+    Setting("data.num_workers", int, 0),
+    Setting("data.max_image_pixels", int, 1, nullable=True),
+    Setting("train.global_batch_size", int, 1),
+    Setting("train.batch_size", int, 1),
+    Setting("train.epochs", float, 0),
+    Setting("train.max_steps", int, -1),
+    Setting("train.save_steps", int, 1),
+    Setting("train.save_total_limit", int, 1, nullable=True),
+    Setting("train.seed", int, 0, 2**32 - 1),
+    Setting("train.gradient_checkpointing", bool),
+    Setting("train.logging_steps", int, 1),
+    Setting("optim.lr", float, 0, low_open=True),
+    Setting("optim.weight_decay", float, 0),
+    Setting("optim.betas.0", float, 0, 1, high_open=True),
+    Setting("optim.betas.1", float, 0, 1, high_open=True),
+    Setting("optim.eps", float, 0, low_open=True),
+    Setting("optim.warmup_steps", int, 0),
+    Setting("optim.max_grad_norm", float, 0),
+    Setting("eval.before", bool),
+    Setting("eval.after", bool),
+    Setting("eval.max_new_tokens", int, 1),
+    Setting("eval.batch_size", int, 1),
+    Setting("eval.max_samples", int, 1, nullable=True),
+    Setting("strategy.lora.rank", int, 1),
+    Setting("strategy.lora.alpha", float, 0, low_open=True),
+    Setting("strategy.lora.dropout", float, 0, 1, high_open=True),
+)
+_ABSENT = object()
+
+
+def check_settings(cfg: DictConfig, nullable: Iterable[str] = ()) -> None:
+    """ConfigError with one sentence for the first setting of `SETTINGS` (present in `cfg`) that is not a number
+    (or true/false) in its range; keys in `nullable` may also be null (e.g. data.num_crops at inference)."""
+    nullable = set(nullable)
+    for setting in SETTINGS:
+        value = OmegaConf.select(cfg, setting.key, default=_ABSENT)
+        if value is _ABSENT or (value is None and setting.key in nullable):
+            continue
+        if (problem := setting.problem(value)) is not None:
+            raise ConfigError(problem)
+
+
+def check_output_dir(path: str | Path, setting: str = "run.output_dir") -> None:
+    """ConfigError when `path`, or a folder above it, exists as something other than a directory."""
+    for place in (Path(path), *Path(path).parents):
+        if place.exists() or place.is_symlink():
+            _require(place.is_dir(), f"{setting}={path}: {place} is a file, not a directory; choose another "
+                                     f"{setting}.")
+            return
+
+
+class RunDirCheck(Callback):
+    """Hydra callback: a run directory that cannot be one stops with one sentence (exit 2) before Hydra tries to
+    create it (its own error is a traceback)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            check_output_dir(config.hydra.run.dir)
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+
 def uses_deepspeed(cfg: DictConfig) -> bool:
     return bool(cfg.strategy.get("deepspeed")) and bool(cfg.hardware.deepspeed)
 
@@ -124,9 +237,14 @@ def validate(cfg: DictConfig, world: int | None = None) -> None:
         model.attn_implementation in ATTENTION,
         f"model.attn_implementation={model.attn_implementation}: choose one of {ATTENTION}.",
     )
-    _require(1 <= cfg.data.num_crops <= 16, f"data.num_crops={cfg.data.num_crops}: choose 1 to 16.")
+    check_settings(cfg)
     _require(cfg.data.on_error in ("raise", "skip"), f"data.on_error={cfg.data.on_error}: choose raise or skip.")
-    _require(cfg.train.batch_size >= 1 and cfg.eval.batch_size >= 1, "train.batch_size and eval.batch_size must be >= 1.")
+    _require(
+        cfg.train.epochs > 0 or cfg.train.max_steps > 0,
+        f"train.epochs={cfg.train.epochs} with train.max_steps={cfg.train.max_steps} trains nothing; set "
+        "train.epochs > 0 or train.max_steps > 0.",
+    )
+    check_output_dir(output_dir(cfg))
     gradient_accumulation(cfg, world)
     check_hardware(cfg)
     if strategy.get("quantization"):
@@ -143,8 +261,6 @@ def validate(cfg: DictConfig, world: int | None = None) -> None:
             f"strategy={strategy.name} on hardware={hardware.name} uses DeepSpeed ZeRO-2, which is not installed; "
             "pip install 'phi3v-recipes[deepspeed]', or set hardware.deepspeed=false for plain DDP.",
         )
-    if strategy.get("lora"):
-        _require(strategy.lora.rank >= 1, f"strategy.lora.rank={strategy.lora.rank} must be >= 1.")
     nodes = world // int(os.environ.get("LOCAL_WORLD_SIZE", world))
     _require(
         nodes <= 1 or "PHI3V_RUN_STAMP" in os.environ or _explicit_output_dir(cfg),

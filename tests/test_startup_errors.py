@@ -1,0 +1,108 @@
+"""Impossible runs stop at start-up with one sentence naming the setting (ConfigError; exit 2, no traceback from
+the CLI): no training steps, non-numeric or out-of-range numeric settings, and a run directory that is a file."""
+
+import pytest
+
+from phi3v_recipes.config import SETTINGS, ConfigError, validate
+from tests.conftest import compose_config, run_parallel
+
+# (override, words of the sentence): at least one bad value for every row of config.SETTINGS
+BAD_SETTINGS = [
+    ("data.num_crops=0", "data.num_crops=0 is out of range; give a whole number >= 1 and <= 16"),
+    ("data.num_crops=null", "data.num_crops is null"),
+    ("data.max_length=0", "data.max_length=0 is out of range"),
+    ("data.num_workers=-1", "data.num_workers=-1 is out of range"),
+    ("data.max_image_pixels=many", "data.max_image_pixels='many' is not a whole number"),
+    ("train.global_batch_size=0", "train.global_batch_size=0 is out of range"),
+    ("train.batch_size=1.5", "train.batch_size=1.5 is not a whole number"),
+    ("train.epochs=abc", "train.epochs='abc' is not a number; give a number >= 0"),
+    ("train.epochs=-1", "train.epochs=-1 is out of range"),
+    ("train.max_steps=-2", "train.max_steps=-2 is out of range"),
+    ("train.save_steps=0", "train.save_steps=0 is out of range"),
+    ("train.save_total_limit=0", "train.save_total_limit=0 is out of range"),
+    ("train.seed=-1", "train.seed=-1 is out of range"),
+    ("train.gradient_checkpointing=maybe", "train.gradient_checkpointing='maybe' is not true or false"),
+    ("train.logging_steps=0", "train.logging_steps=0 is out of range"),
+    ("optim.lr=-1", "optim.lr=-1 is out of range; give a number > 0"),
+    ("optim.lr=0", "optim.lr=0 is out of range"),
+    ("optim.lr=nan", "optim.lr=nan is not a number"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay=-0.1 is out of range"),
+    ("optim.betas=[0.9,1.0]", "optim.betas.1=1.0 is out of range; give a number >= 0 and < 1"),
+    ("optim.betas=[x,0.9]", "optim.betas.0='x' is not a number"),
+    ("optim.eps=0", "optim.eps=0 is out of range"),
+    ("optim.warmup_steps=-5", "optim.warmup_steps=-5 is out of range"),
+    ("optim.max_grad_norm=-1", "optim.max_grad_norm=-1 is out of range"),
+    ("eval.before=1", "eval.before=1 is not true or false"),
+    ("eval.after=no", "eval.after='no' is not true or false"),
+    ("eval.max_new_tokens=0", "eval.max_new_tokens=0 is out of range"),
+    ("eval.batch_size=0", "eval.batch_size=0 is out of range"),
+    ("eval.max_samples=0", "eval.max_samples=0 is out of range"),
+    ("strategy.lora.rank=0", "strategy.lora.rank=0 is out of range"),
+    ("strategy.lora.alpha=-2", "strategy.lora.alpha=-2 is out of range"),
+    ("strategy.lora.dropout=1", "strategy.lora.dropout=1 is out of range"),
+    ("train.epochs=0", "train.epochs=0 with train.max_steps=-1 trains nothing"),
+    ("train.max_steps=0 train.epochs=0", "train.epochs=0 with train.max_steps=0 trains nothing"),
+]
+
+
+def test_every_numeric_setting_is_checked():
+    """The table of bad values covers every checked setting, so a new knob gets a test when it gets a row."""
+    named = {words.split(" ")[0].split("=")[0] for _, words in BAD_SETTINGS}
+    assert {setting.key for setting in SETTINGS} <= named
+
+
+@pytest.mark.parametrize("overrides,words", BAD_SETTINGS, ids=[o for o, _ in BAD_SETTINGS])
+def test_bad_numeric_settings_are_one_sentence(overrides, words, tmp_path):
+    """Each non-numeric, non-boolean or out-of-range value (and a run without training steps) is a ConfigError
+    whose message names the setting and its value, and says what to give."""
+    strategy = ["strategy=lora"] if overrides.startswith("strategy.lora") else []
+    cfg = compose_config("hardware=cpu", *strategy, *overrides.split(), f"run.output_dir={tmp_path / 'run'}")
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, world=1)
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_good_edge_values_pass(tmp_path):
+    """The edges of each range are allowed: no step limit with epochs, epochs as a fraction, zero warm-up and
+    clipping, keep-all checkpoints, no length or pixel limit."""
+    cfg = compose_config("hardware=cpu", "train.epochs=0.5", "train.max_steps=-1", "optim.warmup_steps=0",
+                         "optim.max_grad_norm=0", "train.save_total_limit=null", "data.max_length=null",
+                         "data.max_image_pixels=null", "train.seed=0", f"run.output_dir={tmp_path / 'run'}")
+    validate(cfg, world=1)
+    validate(compose_config("hardware=cpu", "train.epochs=0", "train.max_steps=3",
+                            f"run.output_dir={tmp_path / 'run'}"), world=1)
+
+
+def test_run_directory_below_a_file_is_refused(tmp_path):
+    """A run.output_dir inside a path that is a file cannot be created: validate says which part is the file."""
+    (tmp_path / "taken").write_text("")
+    cfg = compose_config("hardware=cpu", f"run.output_dir={tmp_path / 'taken' / 'run'}")
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'taken'} is a file, not a directory; choose another"):
+        validate(cfg, world=1)
+
+
+def test_cli_start_up_errors_exit_2_with_one_sentence(tmp_path):
+    """Through `python -m phi3v_recipes`: a non-numeric epoch count, a run without steps and a run directory that
+    is a file each exit with code 2 and one `error:` line naming the setting, no traceback,
+    and no model or checkpoint is written."""
+    (tmp_path / "taken").write_text("a file, not a directory\n")
+    commands = {
+        "abc": ["phi3v_recipes", "train.epochs=abc", f"run.output_dir={tmp_path / 'abc'}"],
+        "zero": ["phi3v_recipes", "train.epochs=0", f"run.output_dir={tmp_path / 'zero'}"],
+        "file": ["phi3v_recipes", f"run.output_dir={tmp_path / 'taken'}"],
+    }
+    results = run_parallel(commands, cwd=tmp_path)
+    expected = {
+        "abc": "error: train.epochs='abc' is not a number; give a number >= 0.",
+        "zero": "error: train.epochs=0 with train.max_steps=-1 trains nothing; set train.epochs > 0 or "
+                "train.max_steps > 0.",
+        "file": f"error: run.output_dir={tmp_path / 'taken'}: {tmp_path / 'taken'} is a file, not a directory; "
+                "choose another run.output_dir.",
+    }
+    for name, out in results.items():
+        assert out.returncode == 2, (name, out.stderr[-2000:])
+        assert "Traceback" not in out.stderr + out.stdout, name
+        errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and errors[0].startswith(expected[name]), (name, out.stderr[-2000:])
+    assert not any(tmp_path.rglob("checkpoint-*")) and not any(tmp_path.rglob("*.safetensors"))
+    assert (tmp_path / "taken").read_text() == "a file, not a directory\n"

@@ -6,7 +6,8 @@ import random
 import pytest
 
 from phi3v_recipes.data.demo import draw
-from tests.conftest import read_metrics, run_cli
+from tests.conftest import read_metrics, run_cli, run_parallel
+from tests.test_jsonl_task import write_tree
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +26,35 @@ def test_evaluate_alone_reproduces_the_runs_score(trained, tmp_path):
     assert result["score"] == read_metrics(trained)["eval_after"]
     rows = [json.loads(line) for line in (tmp_path / "eval" / "eval_predictions.jsonl").open()]
     assert len(rows) == result["samples"] and set(rows[0]) == {"id", "prediction", "references", "score"}
+
+
+@pytest.mark.slow
+def test_evaluate_uses_the_crop_count_saved_with_the_model(tmp_path):
+    """A run trained with data.num_crops=1 on a task whose default is 16 crops (jsonl) saves that crop count
+    with its processor. `evaluate` without data.num_crops uses 1, so it reproduces the run's own after-training
+    predictions; data.num_crops on the command line still overrides the saved value."""
+    write_tree(tmp_path, 4, "train")
+    write_tree(tmp_path, 3, "val")
+    task = ["task=jsonl", "hardware=cpu", f"task.train_file={tmp_path / 'train.jsonl'}",
+            f"task.eval_file={tmp_path / 'val.jsonl'}", f"task.image_root={tmp_path / 'images'}",
+            "eval.max_new_tokens=3"]
+    run_dir = tmp_path / "run"
+    trained = run_cli([*task, "model=tiny", "data.num_crops=1", "data.num_workers=0", "train.max_steps=2",
+                       "train.global_batch_size=2", "train.batch_size=2", "optim.warmup_steps=0", "eval.before=false",
+                       "report_to=none", f"run.output_dir={run_dir}"], cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    evaluate = ["phi3v_recipes.evaluate", *task, f"model.name_or_path={run_dir}"]
+    runs = run_parallel({"saved": [*evaluate, f"run.output_dir={tmp_path / 'saved'}"],
+                         "two": [*evaluate, "data.num_crops=2", f"run.output_dir={tmp_path / 'two'}"]}, cwd=tmp_path)
+    for name, out in runs.items():
+        assert out.returncode == 0, (name, out.stderr[-3000:])
+    saved = json.loads((tmp_path / "saved" / "eval_metrics.json").read_text())
+    assert saved["num_crops"] == 1 and saved["score"] == read_metrics(run_dir)["eval_after"]
+    predictions = [json.loads(line)["prediction"] for line in (tmp_path / "saved" / "eval_predictions.jsonl").open()]
+    assert predictions == [json.loads(line)["prediction"] for line in (run_dir / "eval_after_predictions.jsonl").open()]
+    assert "processor: num_crops=1 (saved with the model)" in runs["saved"].stdout
+    assert json.loads((tmp_path / "two" / "eval_metrics.json").read_text())["num_crops"] == 2
+    assert "processor: num_crops=2 (set by data.num_crops)" in runs["two"].stdout
 
 
 def test_evaluate_refuses_the_untrained_tiny_model(tmp_path):
@@ -49,9 +79,10 @@ def test_predict_answers_every_conversation_and_resumes(trained, tmp_path):
     """predict writes one answer per id in batches; after an interruption (simulated by a truncated output with
     a torn last line) the same command answers only what is missing, and the result equals an uninterrupted run."""
     write_inputs(tmp_path, 7)
-    args = [f"model.name_or_path={trained}", f"input={tmp_path / 'in.jsonl'}", "eval.batch_size=3"]
+    args = ["hardware=cpu", f"model.name_or_path={trained}", f"input={tmp_path / 'in.jsonl'}", "eval.batch_size=3"]
     full = run_cli([*args, f"output={tmp_path / 'full.jsonl'}"], cwd=tmp_path, module="phi3v_recipes.predict")
     assert full.returncode == 0, full.stderr[-3000:]
+    assert "processor: num_crops=1 (saved with the model)" in full.stdout  # conf/predict.yaml has no task
     answers = [json.loads(line) for line in (tmp_path / "full.jsonl").open()]
     assert [a["id"] for a in answers] == [f"q{i}" for i in range(7)]
     assert [a["answer"] for a in answers[:4]] == ["red", "blue", "green", "yellow"]
@@ -68,7 +99,7 @@ def test_predict_answers_every_conversation_and_resumes(trained, tmp_path):
 
 def test_predict_reports_bad_input_lines(trained, tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"id": "a", "conversations": [{"user": "x"}]}\n{not json\n')
-    out = run_cli([f"model.name_or_path={trained}", f"input={tmp_path / 'bad.jsonl'}",
+    out = run_cli(["hardware=cpu", f"model.name_or_path={trained}", f"input={tmp_path / 'bad.jsonl'}",
                    f"output={tmp_path / 'o.jsonl'}"], cwd=tmp_path, module="phi3v_recipes.predict")
     assert out.returncode == 2 and f"{tmp_path / 'bad.jsonl'}:2: not valid JSON" in out.stderr
     assert not (tmp_path / "o.jsonl").exists()

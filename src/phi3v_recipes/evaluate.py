@@ -2,7 +2,8 @@
 model on the task's held-out samples, alone (no training).
 
 Batched, greedy, sharded across ranks under torchrun. Writes `eval_predictions.jsonl` and `eval_metrics.json`
-into run.output_dir and prints the score.
+into run.output_dir and prints the score. Configuration: conf/evaluate.yaml; the processor settings saved with the
+model (crop count included) are used unless the command line overrides them.
 """
 
 import json
@@ -13,6 +14,7 @@ from omegaconf import DictConfig
 from phi3v_recipes.config import (
     ConfigError,
     check_hardware,
+    check_settings,
     exit_on_user_error,
     output_dir,
     rank,
@@ -29,11 +31,15 @@ def run(cfg: DictConfig) -> dict:
     from phi3v_recipes.evaluation import evaluate
     from phi3v_recipes.inference import load_for_inference
 
+    check_settings(cfg, nullable=["data.num_crops"])
     check_hardware(cfg)
+    if cfg.data.on_error not in ("raise", "skip"):
+        raise ConfigError(f"data.on_error={cfg.data.on_error}: choose raise or skip.")
     run_dir = output_dir(cfg)
     model, processor = load_for_inference(cfg)
     samples, problems = load_split(cfg.task, "eval")
-    samples, skipped = screen(samples, processor, cfg.data.max_length, cfg.data.on_error, problems)
+    samples, skipped = screen(samples, processor, cfg.data.max_length, cfg.data.on_error, problems,
+                              cfg.data.max_image_pixels)
     if cfg.eval.max_samples is not None:
         samples = samples[: cfg.eval.max_samples]
     if not samples:
@@ -42,7 +48,8 @@ def run(cfg: DictConfig) -> dict:
     score = evaluate(model, processor, samples, cfg.task.metric, cfg.eval.batch_size, cfg.eval.max_new_tokens,
                      run_dir / "eval_predictions.jsonl")
     result = {"task": cfg.task.name, "model": cfg.model.name_or_path, "metric": cfg.task.metric, "score": score,
-              "samples": len(samples), "skipped_samples": len(skipped)}
+              "samples": len(samples), "skipped_samples": len(skipped),
+              "num_crops": processor.image_processor.num_crops}
     if rank() == 0:
         atomic_write_text(run_dir / "eval_metrics.json", json.dumps(result, indent=2) + "\n")
         print(f"{cfg.task.metric} of {cfg.model.name_or_path} on {len(samples)} {cfg.task.name} samples: "
@@ -50,7 +57,7 @@ def run(cfg: DictConfig) -> dict:
     return result
 
 
-@hydra.main(version_base="1.3", config_path="pkg://phi3v_recipes.conf", config_name="train")
+@hydra.main(version_base="1.3", config_path="pkg://phi3v_recipes.conf", config_name="evaluate")
 def main(cfg: DictConfig) -> float:
     return exit_on_user_error(run, cfg)["score"]
 

@@ -1,6 +1,7 @@
 """What evaluation and prediction share: the trained model and processor a config points at, on this rank's
 device, with the process group joined when launched by torchrun."""
 
+import logging
 import os
 from typing import Any
 
@@ -23,7 +24,8 @@ def init_distributed() -> torch.device:
 
 
 def load_for_inference(cfg: DictConfig) -> tuple[torch.nn.Module, Any]:
-    """(model in eval mode on this rank's device, processor) from model.name_or_path."""
+    """(model in eval mode on this rank's device, processor) from model.name_or_path; the processor keeps the
+    crop count saved with the model unless data.num_crops sets one."""
     path = cfg.model.name_or_path
     if path == TINY:
         raise ConfigError("model.name_or_path=tiny is an untrained random model; point it at a run directory, a "
@@ -31,4 +33,7 @@ def load_for_inference(cfg: DictConfig) -> tuple[torch.nn.Module, Any]:
     device = init_distributed()
     processor = load_processor(path, cfg.data.num_crops)
     model = load_model(cfg, path, for_training=False).to(device).eval()
+    saved = "set by data.num_crops" if cfg.data.num_crops is not None else "saved with the model"
+    logging.getLogger("phi3v_recipes").info("processor: num_crops=%d (%s)", processor.image_processor.num_crops,
+                                            saved)
     return model, processor

@@ -54,11 +54,14 @@ def _loading(what: str, path: str) -> Iterator[None]:
         ) from None
 
 
-def load_processor(path: str, num_crops: int) -> Phi3VProcessor:
+def load_processor(path: str, num_crops: int | None) -> Phi3VProcessor:
+    """The processor saved at `path` (or with its adapter's base), with `num_crops` HD crops per image; None keeps
+    the saved crop count (what evaluation and prediction do unless told otherwise)."""
     source = adapter_base(path) or path
     with _loading("processor", path):
         processor = Phi3VProcessor.from_pretrained(path if _has_processor(path) else source)
-    processor.image_processor.num_crops = num_crops
+    if num_crops is not None:
+        processor.image_processor.num_crops = num_crops
     return processor
 
 

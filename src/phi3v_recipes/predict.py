@@ -4,7 +4,8 @@ Answers every conversation of a jsonl file in the seed's format (see data/jsonl.
 conversation, and the model writes the reply to its last user turn (whose "assistant" may be absent). Each answer
 goes to the output file as `{"id": ..., "answer": ...}` as soon as its batch is done, so an interrupted run loses
 at most one batch: run the same command again and it resumes after the ids already answered (a torn last line is
-dropped and redone).
+dropped and redone). Configuration: conf/predict.yaml; the processor settings saved with the model (crop count
+included) are used unless the command line overrides them.
 """
 
 import json
@@ -14,14 +15,21 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from phi3v_recipes.config import ConfigError, check_hardware, exit_on_user_error, register_resolvers
+from phi3v_recipes.config import (
+    ConfigError,
+    check_hardware,
+    check_settings,
+    exit_on_user_error,
+    register_resolvers,
+)
 from phi3v_recipes.data.sample import Sample, SampleError
 
 register_resolvers()
 
 
-def conversation_prompt(sample: Sample, processor: Any) -> tuple[str, list]:
-    """(chat-templated text of the whole conversation ending with the generation prompt, its images)."""
+def conversation_prompt(sample: Sample, processor: Any, max_pixels: int | None = None) -> tuple[str, list]:
+    """(chat-templated text of the whole conversation ending with the generation prompt, its images, each within
+    `max_pixels` pixels)."""
     from phi3v_recipes.data.encode import user_content
     from phi3v_recipes.data.sample import load_image
 
@@ -31,7 +39,7 @@ def conversation_prompt(sample: Sample, processor: Any) -> tuple[str, list]:
         if k < len(sample.turns) - 1:
             messages.append({"role": "assistant", "content": turn.assistant})
     text = processor.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return text, [load_image(ref, sample) for turn in sample.turns for ref in turn.images]
+    return text, [load_image(ref, sample, max_pixels) for turn in sample.turns for ref in turn.images]
 
 
 def answered_ids(output: Path) -> set[str]:
@@ -55,8 +63,9 @@ def run(cfg: DictConfig) -> int:
 
     if not cfg.get("input") or not cfg.get("output"):
         raise ConfigError("predict needs input=<conversations.jsonl> and output=<answers.jsonl>.")
+    check_settings(cfg, nullable=["data.num_crops"])
     check_hardware(cfg)
-    samples, problems = read_jsonl(cfg.input, cfg.task.get("image_root"), require_answers=False)
+    samples, problems = read_jsonl(cfg.input, cfg.image_root, require_answers=False)
     if problems:
         raise SampleError(f"{len(problems)} bad line(s) in {cfg.input}; fix them first:\n  " + "\n  ".join(problems[:10]))
     output = Path(cfg.output)
@@ -71,7 +80,8 @@ def run(cfg: DictConfig) -> int:
     with output.open("a", encoding="utf-8") as out:
         for start in tqdm(range(0, len(todo), cfg.eval.batch_size), desc="predicting"):
             batch = todo[start : start + cfg.eval.batch_size]
-            texts, images = zip(*(conversation_prompt(s, processor) for s in batch), strict=True)
+            texts, images = zip(*(conversation_prompt(s, processor, cfg.data.max_image_pixels) for s in batch),
+                                strict=True)
             answers = answer_batch(model, processor, texts, images, cfg.eval.max_new_tokens, stops)
             out.write("".join(json.dumps({"id": s.id, "answer": a}) + "\n" for s, a in zip(batch, answers,
                                                                                           strict=True)))
@@ -80,7 +90,7 @@ def run(cfg: DictConfig) -> int:
     return len(todo)
 
 
-@hydra.main(version_base="1.3", config_path="pkg://phi3v_recipes.conf", config_name="train")
+@hydra.main(version_base="1.3", config_path="pkg://phi3v_recipes.conf", config_name="predict")
 def main(cfg: DictConfig) -> None:
     exit_on_user_error(run, cfg)
 

@@ -43,8 +43,7 @@ class EncodedDataset(Dataset):
                 item: dict[str, Any] = encode_sample(sample, self.processor, self.max_length, self.max_pixels)
             except SampleError as err:
                 if self.on_error == "raise":
-                    return {"error": f"{str(err).rstrip('.')}; found while training (data.on_error=skip would "
-                                     "skip it)."}
+                    return {"error": str(err)}
                 skipped.append(str(err))
                 continue
             if skipped:

@@ -42,16 +42,18 @@ def run_cli(args: list[str], cwd: Path, module: str = "phi3v_recipes", torchrun_
     return subprocess.run(cmd, cwd=cwd, env=offline_env(), capture_output=True, text=True, timeout=timeout)
 
 
-def run_parallel(commands: dict[str, list[str]], cwd: Path,
-                 timeout: int = 600) -> dict[str, subprocess.CompletedProcess]:
+def run_parallel(commands: dict[str, list[str]], cwd: Path, timeout: int = 600,
+                 pass_fds: tuple[int, ...] = ()) -> dict[str, subprocess.CompletedProcess]:
     """Each `python -m <argv>` (module first) started at once in `cwd`, offline with one thread each; waits for
-    all. Output goes to `<name>.stdout` / `<name>.stderr` in `cwd` and comes back as text."""
+    all. Output goes to `<name>.stdout` / `<name>.stderr` in `cwd` and comes back as text. `pass_fds` stay open
+    in every process (e.g. a pipe a command reads as /proc/self/fd/N)."""
     env = offline_env(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     started = {}
     for name, args in commands.items():
         cmd = [sys.executable, "-m", *args]
         logs = (cwd / f"{name}.stdout").open("w"), (cwd / f"{name}.stderr").open("w")
-        started[name] = (cmd, logs, subprocess.Popen(cmd, cwd=cwd, env=env, stdout=logs[0], stderr=logs[1]))
+        started[name] = (cmd, logs, subprocess.Popen(cmd, cwd=cwd, env=env, stdout=logs[0], stderr=logs[1],
+                                                     pass_fds=pass_fds))
     results = {}
     for name, (cmd, logs, proc) in started.items():
         proc.wait(timeout=timeout)

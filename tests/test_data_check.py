@@ -11,6 +11,7 @@ from PIL import Image, ImageDraw
 from phi3v_recipes.data.check import main
 from phi3v_recipes.model.tiny import build_tiny_processor
 from tests.conftest import read_metrics, run_parallel
+from tests.test_images import write_huge_png
 
 LONG_TEXT = " ".join(f"token{i}" for i in range(2500))  # far over MAX_LENGTH whatever the tokenizer
 MAX_LENGTH = 1500
@@ -26,6 +27,8 @@ BAD_CASES = [
     (8, "tags-without-images", "turn 1 has image tags [1] but carries images []"),
     (9, "tags-out-of-order", "turn 1 has image tags [2, 1] but carries images [1, 2]"),
     (10, "too-long", f"exceed data.max_length={MAX_LENGTH}"),
+    (11, "oversized-image", "image {root}/huge.png is 20000x20000 = 400000000 pixels, more than "
+                            "data.max_image_pixels=89478485"),
 ]
 
 
@@ -51,6 +54,7 @@ def tree(tmp_path_factory) -> Path:
     for color, size in (("red", (64, 48)), ("blue", (40, 72))):
         draw(color, size).save(images / f"{color}.png")
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n but not really")
+    write_huge_png(images / "huge.png", 20000)  # over the default data.max_image_pixels and PIL's own limit
     turn = {"images": ["red.png"], "user": "What color?", "assistant": "red"}
     bad = [
         good(1),
@@ -64,6 +68,7 @@ def tree(tmp_path_factory) -> Path:
         {"id": "tags-out-of-order",
          "conversations": [{**turn, "images": ["red.png", "blue.png"], "user": "<|image_2|><|image_1|>\nSame?"}]},
         {"id": "too-long", "conversations": [{**turn, "user": LONG_TEXT}]},
+        {"id": "oversized-image", "conversations": [{**turn, "images": ["huge.png"]}]},
         *[good(i, color) for i, color in zip(range(2, 9), ["blue", "red"] * 4, strict=False)],
     ]
     for name, rows in (("bad", bad), ("clean", [good(i) for i in range(4)]), ("eval", [good(i) for i in range(2)])):

@@ -1,0 +1,87 @@
+"""A sample that passes the pre-training screen but cannot be read once training runs (an image deleted or
+rewritten meanwhile) follows data.on_error through `python -m phi3v_recipes`, with 0 and with 2 DataLoader
+workers: `skip` replaces it with another sample, lists it in skipped.txt and trains to the end; `raise` stops with
+one sentence naming file, line and id. Neither ever shows a (worker) traceback.
+
+The vanishing image is a pipe the run reads as /proc/self/fd/N: the screen reads its PNG bytes, every later read
+finds the pipe empty, exactly like a file deleted after the screen, with no race against the run.
+"""
+
+import os
+
+import pytest
+
+from phi3v_recipes.data.demo import draw
+from tests.conftest import read_metrics, run_parallel
+
+EPOCHS = 2  # the vanishing sample is drawn once per epoch
+MODES = [("skip", 0), ("skip", 2), ("raise", 0), ("raise", 2)]
+
+
+def vanishing_png(source) -> int:
+    """The read end of a pipe holding the PNG file `source`, readable once."""
+    read, write = os.pipe()
+    os.write(write, source.read_bytes())  # a few hundred bytes: fits in the pipe's buffer
+    os.close(write)
+    return read
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """(jsonl, image path, run dir, finished process) for each (data.on_error, data.num_workers), run together."""
+    import random
+
+    root = tmp_path_factory.mktemp("vanish")
+    for i, colour in enumerate(["red", "blue", "green"]):
+        draw(colour, "circle", random.Random(i)).save(root / f"{colour}.png")
+    commands, cases, fds = {}, {}, []
+    for on_error, workers in MODES:
+        name = f"{on_error}{workers}"
+        fd = vanishing_png(root / "red.png")
+        fds.append(fd)
+        images = ["red.png", f"/proc/self/fd/{fd}", "blue.png", "green.png"]
+        ids = ["first", "vanishing", "third", "fourth"]
+        jsonl = root / f"{name}.jsonl"
+        jsonl.write_text("".join(
+            f'{{"id": "{i}", "conversations": [{{"images": ["{image}"], "user": "Colour?", "assistant": "red"}}]}}\n'
+            for i, image in zip(ids, images, strict=True)))
+        run_dir = root / name
+        commands[name] = ["phi3v_recipes", "task=jsonl", "model=tiny", "hardware=cpu", f"task.train_file={jsonl}",
+                          f"task.image_root={root}", f"data.on_error={on_error}", f"data.num_workers={workers}",
+                          "data.num_crops=1", f"train.epochs={EPOCHS}", "train.global_batch_size=2",
+                          "train.batch_size=2", "optim.warmup_steps=0", "eval.before=false", "eval.after=false",
+                          "report_to=none", f"run.output_dir={run_dir}"]
+        cases[name] = (jsonl, f"/proc/self/fd/{fd}", run_dir)
+    try:
+        results = run_parallel(commands, cwd=root, pass_fds=tuple(fds))
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return {name: (*case, results[name]) for name, case in cases.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
+def test_skip_replaces_a_sample_that_vanished_and_trains_on(runs, workers):
+    jsonl, image, run_dir, out = runs[f"skip{workers}"]
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr + out.stdout
+    skipped = (run_dir / "skipped.txt").read_text().splitlines()
+    assert len(skipped) == EPOCHS, skipped
+    for line in skipped:
+        assert line.startswith(f"{jsonl}:2 (id vanishing): image {image} cannot be read"), line
+    assert (run_dir / "model.safetensors").is_file()
+    metrics = read_metrics(run_dir)
+    assert metrics["train_samples"] == 4 and metrics["global_steps"] == 2 * EPOCHS
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
+def test_raise_stops_with_one_sentence_naming_the_sample(runs, workers):
+    jsonl, image, run_dir, out = runs[f"raise{workers}"]
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr + out.stdout
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, out.stderr[-3000:]
+    assert errors[0].startswith(f"error: {jsonl}:2 (id vanishing): image {image} cannot be read"), errors[0]
+    assert not (run_dir / "model.safetensors").exists() and not (run_dir / "metrics.json").exists()

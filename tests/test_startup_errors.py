@@ -1,7 +1,11 @@
 """Impossible runs stop at start-up with one sentence naming the setting (ConfigError; exit 2, no traceback from
 the CLI): no training steps, non-numeric or out-of-range numeric settings, and a run directory that is a file."""
 
+import copy
+
 import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
 
 from phi3v_recipes.config import SETTINGS, ConfigError, validate
 from tests.conftest import compose_config, run_parallel
@@ -51,12 +55,22 @@ def test_every_numeric_setting_is_checked():
     assert {setting.key for setting in SETTINGS} <= named
 
 
+@pytest.fixture(scope="module")
+def base_configs(tmp_path_factory):
+    """The composed CPU configs (full and lora) that each case changes a copy of (composing per case is slow)."""
+    run_dir = tmp_path_factory.mktemp("startup") / "run"
+    return {strategy: compose_config("hardware=cpu", f"strategy={strategy}", f"run.output_dir={run_dir}")
+            for strategy in ("full", "lora")}
+
+
 @pytest.mark.parametrize("overrides,words", BAD_SETTINGS, ids=[o for o, _ in BAD_SETTINGS])
-def test_bad_numeric_settings_are_one_sentence(overrides, words, tmp_path):
+def test_bad_numeric_settings_are_one_sentence(overrides, words, base_configs):
     """Each non-numeric, non-boolean or out-of-range value (and a run without training steps) is a ConfigError
-    whose message names the setting and its value, and says what to give."""
-    strategy = ["strategy=lora"] if overrides.startswith("strategy.lora") else []
-    cfg = compose_config("hardware=cpu", *strategy, *overrides.split(), f"run.output_dir={tmp_path / 'run'}")
+    whose message names the setting and its value, and says what to give. Values are parsed as on the command
+    line."""
+    cfg = copy.deepcopy(base_configs["lora" if overrides.startswith("strategy.lora") else "full"])
+    for override in OverridesParser.create().parse_overrides(overrides.split()):
+        OmegaConf.update(cfg, override.key_or_group, override.value(), merge=False)
     with pytest.raises(ConfigError) as err:
         validate(cfg, world=1)
     assert words in str(err.value) and "\n" not in str(err.value)

@@ -86,3 +86,35 @@ def test_raise_stops_with_one_sentence_naming_the_sample(runs, workers):
     assert len(errors) == 1, out.stderr[-3000:]
     assert errors[0].startswith(f"error: {jsonl}:2 (id vanishing): image {image} cannot be read"), errors[0]
     assert not (run_dir / "model.safetensors").exists() and not (run_dir / "metrics.json").exists()
+
+
+def test_dataset_items_follow_on_error(tmp_path):
+    """EncodedDataset, item by item: under skip a failing sample is replaced by the next one that encodes
+    (cyclically, so the same index always gives the same substitute) and its sentence is in `skipped`; under raise
+    the item is exactly {"error": sentence}; when no sample can be read any more, even skip returns an error."""
+    import torch
+    from PIL import Image
+
+    from phi3v_recipes.data.dataset import EncodedDataset
+    from phi3v_recipes.data.encode import encode_sample
+    from phi3v_recipes.data.sample import Sample, Turn
+    from phi3v_recipes.model.tiny import build_tiny_processor
+
+    processor = build_tiny_processor(num_crops=1, num_img_tokens=4)
+    for name in ("a", "c"):
+        Image.new("RGB", (40, 30), "red").save(tmp_path / f"{name}.png")
+    samples = [Sample(id=name, turns=[Turn("Colour?", name, (tmp_path / f"{name}.png",))], origin=f"t.jsonl:{i}")
+               for i, name in enumerate(["a", "b", "c"], start=1)]  # b.png does not exist
+    missing = f"t.jsonl:2 (id b): image {tmp_path / 'b.png'} does not exist; fix the path or the image root."
+
+    skip = EncodedDataset(samples, processor, on_error="skip")
+    item = skip[1]
+    assert item.pop("skipped") == [missing]
+    expected = encode_sample(samples[2], processor)
+    assert item.keys() == expected.keys() and all(torch.equal(item[k], expected[k]) for k in item)
+    assert "skipped" not in skip[0] and "skipped" not in skip[2]
+    assert EncodedDataset(samples[1:2] + samples[:1], processor, on_error="skip")[0]["skipped"] == [missing]
+
+    assert EncodedDataset(samples, processor, on_error="raise")[1] == {"error": missing}
+    gone = EncodedDataset(samples[1:2], processor, on_error="skip")[0]
+    assert list(gone) == ["error"] and gone["error"].startswith("no training sample can be read any more")

@@ -46,6 +46,7 @@ from phi3v_recipes.preemption import StopSignals
 from phi3v_recipes.rundir import (
     RunLock,
     check_same_run,
+    checkpoints,
     extends,
     record,
     remove_incomplete,
@@ -143,12 +144,12 @@ def _open_run_dir(cfg: DictConfig, run_dir: Path) -> tuple[RunLock, str | None]:
     if removed:
         log.warning("removed incomplete checkpoint(s) left by an interrupted run: %s", ", ".join(removed))
     saved = saved_record(run_dir)
-    resume = resume_point(cfg.train.resume, run_dir, extends(saved, cfg))
     changes: list[str] = []
-    if resume is not None and saved is not None:
-        changes = check_same_run(saved, cfg)
-        if changes:
-            log.info("resuming with changed settings: %s", "; ".join(changes))
+    if saved is not None and cfg.train.resume is not False and (checkpoints(run_dir) or (run_dir / "metrics.json").exists()):
+        changes = check_same_run(saved, cfg)  # before anything else: a changed run must not even look finished
+    resume = resume_point(cfg.train.resume, run_dir, extends(saved, cfg))
+    if resume is not None and changes:
+        log.info("resuming with changed settings: %s", "; ".join(changes))
     if resume is None or saved is None:
         record(cfg, run_dir)
     if resume is not None and (run_dir / "metrics.json").is_file():  # a finished run, extended: no longer final

@@ -181,7 +181,7 @@ def validate(cfg: DictConfig, world: int | None = None) -> None:
         _require(strategy.lora.rank >= 1, f"strategy.lora.rank={strategy.lora.rank} must be >= 1.")
     nodes = world // int(os.environ.get("LOCAL_WORLD_SIZE", world))
     _require(
-        nodes <= 1 or "PHI3V_RUN_STAMP" in os.environ or _explicit_output_dir(cfg),
+        nodes <= 1 or "PHI3V_RUN_STAMP" in os.environ or _explicit_output_dir(),
         "a run over several nodes needs one run directory on all of them: set run.output_dir=<shared path>.",
     )
 
@@ -214,7 +214,7 @@ def check_hardware(cfg: DictConfig) -> None:
     )
 
 
-def _explicit_output_dir(cfg: DictConfig) -> bool:
+def _explicit_output_dir() -> bool:
     """True when the user chose run.output_dir (the default embeds the launch stamp)."""
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -223,6 +223,21 @@ def _explicit_output_dir(cfg: DictConfig) -> bool:
     except ValueError:
         return True
     return any(o.split("=", 1)[0].lstrip("+") == "run.output_dir" for o in overrides)
+
+
+def resume_command(run_dir: Path) -> str:
+    """How to continue the run in `run_dir`: the same command, plus the directory when its name held a launch time
+    that a new launch would not reproduce."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        fixed = HydraConfig.get().mode == RunMode.MULTIRUN or _explicit_output_dir()
+    except ValueError:
+        fixed = True
+    if fixed or "PHI3V_RUN_STAMP" in os.environ:
+        return "run the same command"
+    return f"run the same command with run.output_dir={run_dir}"
 
 
 def output_dir(cfg: DictConfig) -> Path:

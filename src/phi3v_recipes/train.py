@@ -30,6 +30,7 @@ from phi3v_recipes.config import (
     gradient_accumulation,
     log_to_files,
     output_dir,
+    resume_command,
     uses_deepspeed,
     validate,
     world_size,
@@ -154,7 +155,8 @@ def _open_run_dir(cfg: DictConfig, run_dir: Path) -> tuple[RunLock, str | None]:
         record(cfg, run_dir)
     if resume is not None and (run_dir / "metrics.json").is_file():  # a finished run, extended: no longer final
         os.replace(run_dir / "metrics.json", run_dir / "metrics.previous.json")
-    log.info("%s", f"resuming from {resume}" if resume else f"starting a new run in {run_dir}")
+    log.info("%s", f"resuming from {resume}" if resume else f"starting a new run in {run_dir} (if it is interrupted: "
+             f"{resume_command(run_dir)} to resume)")
     return lock, resume
 
 
@@ -222,7 +224,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     step = trainer.state.global_step
     if trainer.stopped_by:
         message = (f"stopped by {trainer.stopped_by} at step {step}: checkpoint-{step} is saved in {run_dir}; run "
-                   "the same command to resume.")
+                   f"{resume_command(run_dir)} to resume.")
         log.warning("%s", message)
         stop_signals.chain()  # a cluster launcher's handler may requeue the job here
         raise RunStopped(message, exit_code=128 + (stop_signals.received or signal.SIGTERM))

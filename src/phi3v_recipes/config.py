@@ -214,15 +214,26 @@ def check_hardware(cfg: DictConfig) -> None:
     )
 
 
+def launch_overrides() -> list[str]:
+    """The command-line overrides of this job (in a sweep or a Slurm job too, where the process's own command line
+    is the launcher's)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
+
+
 def _explicit_output_dir() -> bool:
     """True when the user chose run.output_dir (the default embeds the launch stamp)."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
-        overrides = HydraConfig.get().overrides.task
+        HydraConfig.get()
     except ValueError:
         return True
-    return any(o.split("=", 1)[0].lstrip("+") == "run.output_dir" for o in overrides)
+    return any(o.split("=", 1)[0].lstrip("+") == "run.output_dir" for o in launch_overrides())
 
 
 def resume_command(run_dir: Path) -> str:

@@ -28,6 +28,7 @@ from phi3v_recipes.config import (
     ConfigError,
     RunStopped,
     gradient_accumulation,
+    launch_overrides,
     log_to_files,
     output_dir,
     resume_command,
@@ -164,6 +165,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Train and evaluate as `cfg` says; return the metrics (also written to <run dir>/metrics.json)."""
     start = time.perf_counter()
     log.info("command: %s", " ".join(sys.orig_argv))
+    log.info("overrides: %s", " ".join(launch_overrides()) or "none")
     validate(cfg)
     run_dir = output_dir(cfg)
     args = training_arguments(cfg, run_dir)

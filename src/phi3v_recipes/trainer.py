@@ -175,6 +175,7 @@ class RecipeTrainer(Trainer):
                 f"{self.run_dir}, then {resume_command(self.run_dir)} to resume.") from None
         finally:
             self.args.output_dir = run_output_dir
+        self.accelerator.wait_for_everyone()  # no rank leaves (e.g. on a stop signal) before the rename is done
         if main:
             shutil.rmtree(staging_root, ignore_errors=True)
             rotate_checkpoints(str(self.run_dir), save_total_limit=self.args.save_total_limit,

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
 from transformers import TrainingArguments, set_seed
 
+from phi3v_recipes.cluster import export_distributed_env
 from phi3v_recipes.config import (
     ConfigError,
     gradient_accumulation,
@@ -114,6 +115,7 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train and evaluate as `cfg` says; return the metrics (also written to <run dir>/metrics.json)."""
     start = time.perf_counter()
+    export_distributed_env()  # a Slurm (submitit) task: its rank and rendezvous, before TrainingArguments
     validate(cfg)
     run_dir = output_dir(cfg)
     resume = resume_checkpoint(cfg, run_dir)

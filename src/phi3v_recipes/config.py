@@ -5,6 +5,7 @@ never a traceback from deep inside a library.
 """
 
 import importlib.util
+import logging
 import os
 import sys
 import time
@@ -26,27 +27,60 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message says what to change."""
 
 
+class RunStopped(Exception):
+    """A run that ends early on purpose, with one sentence and an exit code: it diverged (1), a checkpoint could not
+    be written (1), a stop signal was honoured after saving (128 + the signal), or it had already finished (0)."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def __reduce__(self) -> tuple:  # keeps the exit code when broadcast to other ranks
+        return (type(self), (str(self), self.exit_code))
+
+
 T = TypeVar("T")
 
 
 def exit_on_user_error(run: Callable[[DictConfig], T], cfg: DictConfig) -> T:
     """`run(cfg)`, where a mistake in the configuration or the data ends the process with exit code 2 and its one
-    `error:` sentence on stderr instead of a traceback (what every entrypoint does). After a successful run under
-    torchrun, the ranks leave together: a rank that exits while another still uses the process group can abort
-    in the communication library's teardown."""
+    `error:` sentence on stderr instead of a traceback (what every entrypoint does); a run that stops on purpose
+    (`RunStopped`) prints its sentence and exits with its code. Both sentences also go to the run's log. After a
+    successful run under torchrun, the ranks leave together: a rank that exits while another still uses the
+    process group can abort in the communication library's teardown."""
     from phi3v_recipes.data.sample import SampleError
 
     try:
         result = run(cfg)
     except (ConfigError, SampleError, FileNotFoundError) as err:
+        log_to_files(str(err), logging.ERROR)
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except RunStopped as stop:
+        log_to_files(str(stop), logging.INFO if stop.exit_code == 0 else logging.ERROR)
+        if stop.exit_code == 0:
+            print(stop, flush=True)
+        else:
+            print(f"error: {stop}" if stop.exit_code == 1 else f"stopped: {stop}", file=sys.stderr, flush=True)
+        sys.exit(stop.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted (nothing is saved outside training: a run saves a checkpoint on Ctrl-C once training "
+              "has started)", file=sys.stderr, flush=True)
+        sys.exit(130)
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
     return result
+
+
+def log_to_files(message: str, level: int = logging.INFO) -> None:
+    """`message` into the run's log files only (for what the console already shows once)."""
+    record = logging.getLogger("phi3v_recipes").makeRecord("phi3v_recipes", level, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def rank() -> int:

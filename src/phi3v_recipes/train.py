@@ -11,11 +11,15 @@ The run directory ends with the final model (full weights, or the LoRA adapter) 
 
 import json
 import logging
+import os
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
 from transformers import TrainingArguments, set_seed
@@ -23,7 +27,9 @@ from transformers import TrainingArguments, set_seed
 from phi3v_recipes.cluster import export_distributed_env
 from phi3v_recipes.config import (
     ConfigError,
+    RunStopped,
     gradient_accumulation,
+    log_to_files,
     output_dir,
     uses_deepspeed,
     validate,
@@ -37,8 +43,19 @@ from phi3v_recipes.data.tasks import load_split
 from phi3v_recipes.evaluation import evaluate
 from phi3v_recipes.files import atomic_write_text
 from phi3v_recipes.loading import TINY, load_model, load_processor, model_path, write_tiny_base
+from phi3v_recipes.preemption import StopSignals
+from phi3v_recipes.rundir import (
+    RunLock,
+    check_same_run,
+    checkpoints,
+    extends,
+    record,
+    remove_incomplete,
+    resume_point,
+    saved_record,
+)
 from phi3v_recipes.strategy import apply_strategy
-from phi3v_recipes.trainer import RecipeTrainer
+from phi3v_recipes.trainer import RecipeTrainer, all_finite
 
 log = logging.getLogger("phi3v_recipes")
 
@@ -89,41 +106,69 @@ def training_arguments(cfg: DictConfig, run_dir: Path) -> TrainingArguments:
         remove_unused_columns=False,
         ddp_find_unused_parameters=False,
         disable_tqdm=False,
+        logging_nan_inf_filter=False,  # log a non-finite loss as it is (the step guard then stops the run)
     )
 
 
-def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
-    """The checkpoint train.resume asks for: None (start fresh, in a directory that holds no earlier run), the
-    latest `checkpoint-*` of the run directory (true), or a given checkpoint directory; ConfigError otherwise."""
-    resume = cfg.train.resume
-    if resume is False or resume is None:
-        if any(run_dir.glob("checkpoint-*")) or (run_dir / "metrics.json").exists():
-            raise ConfigError(f"{run_dir} already holds a run; continue it with train.resume=true, or choose "
-                              "another run.output_dir (nothing there is overwritten).")
-        return None
-    if resume is True:
-        checkpoints = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-        if not checkpoints:
-            raise ConfigError(f"train.resume=true but {run_dir} holds no checkpoint-* directory; pass the run to "
-                              "continue as run.output_dir=<its directory>, or train.resume=<checkpoint path>.")
-        return str(checkpoints[-1])
-    if not (Path(resume) / "trainer_state.json").is_file():
-        raise ConfigError(f"train.resume={resume} is not a checkpoint directory (no trainer_state.json in it).")
-    return str(resume)
+def open_run_dir(cfg: DictConfig, run_dir: Path, main: bool) -> tuple[RunLock | None, str | None]:
+    """Rank 0 locks the run directory, removes incomplete checkpoints, decides where to resume and records (or
+    checks) the configuration; every rank gets the same checkpoint to resume from, or the same error.
+
+    A fresh run records its configuration at once. A resumed run whose allowed settings changed (a longer run, ...)
+    records them with its first checkpoint, once they have trained something (`RecipeTrainer.pending_record`)."""
+    outcome: Any = None
+    lock = None
+    if main:
+        try:
+            lock, resume = _open_run_dir(cfg, run_dir)
+            outcome = resume
+        except (ConfigError, RunStopped) as err:
+            outcome = err
+    if dist.is_available() and dist.is_initialized():
+        shared = [outcome]
+        dist.broadcast_object_list(shared, src=0)
+        outcome = shared[0]
+    if isinstance(outcome, Exception):
+        raise outcome
+    return lock, outcome
+
+
+def _open_run_dir(cfg: DictConfig, run_dir: Path) -> tuple[RunLock, str | None]:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run.output_dir={run_dir} is a file; give a directory (it is created if missing).")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(run_dir)
+    lock.acquire()
+    if lock.took_over:
+        log.info("took over the lock of %s, whose process no longer runs", run_dir)
+    removed = remove_incomplete(run_dir)
+    if removed:
+        log.warning("removed incomplete checkpoint(s) left by an interrupted run: %s", ", ".join(removed))
+    saved = saved_record(run_dir)
+    changes: list[str] = []
+    if saved is not None and cfg.train.resume is not False and (checkpoints(run_dir) or (run_dir / "metrics.json").exists()):
+        changes = check_same_run(saved, cfg)  # before anything else: a changed run must not even look finished
+    resume = resume_point(cfg.train.resume, run_dir, extends(saved, cfg))
+    if resume is not None and changes:
+        log.info("resuming with changed settings: %s", "; ".join(changes))
+    if resume is None or saved is None:
+        record(cfg, run_dir)
+    if resume is not None and (run_dir / "metrics.json").is_file():  # a finished run, extended: no longer final
+        os.replace(run_dir / "metrics.json", run_dir / "metrics.previous.json")
+    log.info("%s", f"resuming from {resume}" if resume else f"starting a new run in {run_dir}")
+    return lock, resume
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train and evaluate as `cfg` says; return the metrics (also written to <run dir>/metrics.json)."""
     start = time.perf_counter()
     export_distributed_env()  # a Slurm (submitit) task: its rank and rendezvous, before TrainingArguments
+    log.info("command: %s", " ".join(sys.orig_argv))
     validate(cfg)
     run_dir = output_dir(cfg)
-    resume = resume_checkpoint(cfg, run_dir)
     args = training_arguments(cfg, run_dir)
     main = args.process_index == 0
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    _lock, resume = open_run_dir(cfg, run_dir, main)
     set_seed(cfg.train.seed)
 
     train_samples, train_problems = load_split(cfg.task, "train")
@@ -144,8 +189,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.eval.max_samples is not None:
         eval_samples = eval_samples[: cfg.eval.max_samples]
     if main and (skipped or eval_skipped):
-        atomic_write_text(run_dir / "skipped.txt", "".join(f"{p}\n" for p in skipped + eval_skipped))
         log.warning("skipped %d bad sample(s); see %s", len(skipped) + len(eval_skipped), run_dir / "skipped.txt")
+    if main:
+        record_skipped(run_dir, skipped + eval_skipped)
     if not train_samples:
         raise SampleError(f"task={cfg.task.name} has no usable training samples.")
 
@@ -162,8 +208,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.eval.before:
         run_eval("eval_before", model)
 
+    stop_signals = StopSignals(cfg.run.stop_signals)  # before the DataLoader forks its workers
     trainer = RecipeTrainer(
         recipe=cfg,
+        run_dir=run_dir,
+        stop_signals=stop_signals,
+        pending_record=cfg if resume else None,
         model=model,
         args=args,
         train_dataset=EncodedDataset(train_samples, processor, cfg.data.max_length),
@@ -171,16 +221,30 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         processing_class=processor,
     )
     result = trainer.train(resume_from_checkpoint=resume)
+    step = trainer.state.global_step
+    if trainer.stopped_by:
+        message = (f"stopped by {trainer.stopped_by} at step {step}: checkpoint-{step} is saved in {run_dir}; run "
+                   "the same command to resume.")
+        log.warning("%s", message)
+        stop_signals.chain()  # a cluster launcher's handler may requeue the job here
+        raise RunStopped(message, exit_code=128 + (stop_signals.received or signal.SIGTERM))
+    stop_signals.restore()
+    if not all_finite(trainer.model):
+        raise RunStopped(f"the trained weights hold non-finite values after step {step}; the final model was not "
+                         "saved. Lower optim.lr or check the data, then start again.")
+    if step == 0:
+        raise ConfigError(f"task={cfg.task.name} gave no training step ({len(train_samples)} samples, train.epochs="
+                          f"{cfg.train.epochs}, train.max_steps={cfg.train.max_steps}); nothing was saved.")
     trainer.save_model(str(run_dir))
 
     if cfg.eval.after:
         run_eval("eval_after", trainer.model)
 
     metrics.update(
-        train_loss=result.training_loss,
+        train_loss=sum(trainer.step_losses) / len(trainer.step_losses),
         train_samples=len(train_samples),
         eval_samples=len(eval_samples),
-        skipped_samples=len(skipped) + len(eval_skipped),
+        skipped_samples=len(read_skipped(run_dir)),
         train_samples_per_second=result.metrics.get("train_samples_per_second"),
         train_runtime_s=result.metrics.get("train_runtime"),
         global_steps=result.global_step,
@@ -190,7 +254,22 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if main:
         atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         print(summary(metrics), flush=True)
+        log_to_files(summary(metrics))
     return metrics
+
+
+def read_skipped(run_dir: Path) -> list[str]:
+    """The distinct problems listed in `<run dir>/skipped.txt` (before and during training, over every launch)."""
+    path = run_dir / "skipped.txt"
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    return list(dict.fromkeys(line for line in lines if line))
+
+
+def record_skipped(run_dir: Path, problems: list[str]) -> None:
+    """Add the problems found before training to `skipped.txt`, keeping what earlier launches listed."""
+    merged = list(dict.fromkeys(read_skipped(run_dir) + problems))
+    if merged:
+        atomic_write_text(run_dir / "skipped.txt", "".join(f"{p}\n" for p in merged))
 
 
 def summary(metrics: dict[str, Any]) -> str:

@@ -3,22 +3,203 @@
 `RecipeTrainer` is the one place where the recipe changes how the `Trainer` steps, batches and saves:
 
 - batches: `get_train_dataloader` (padding, length grouping or padding-free packing: `data/batching.py`);
-- steps: problem samples reported by the collator (`skipped`, `error` keys of a batch) are consumed before the
-  model sees the batch;
-- saves: checkpoints (`_save_checkpoint`) and the final model.
+- problem samples: a batch reports samples that failed while training (`skipped` under data.on_error=skip, listed
+  in `skipped.txt`; `error` under raise, which stops the run with its sentence) before the model sees it;
+- every optimizer step ends in one check shared by all ranks (`_guard_step`): a non-finite loss or gradient norm
+  stops the run before anything is saved (`Diverged`); a stop signal (`preemption.py`) makes every rank save a
+  checkpoint at that same step and stop; the step's loss, averaged over ranks, is recorded exactly;
+- checkpoints are atomic (`_save_checkpoint`): written under `.checkpoint-staging/`, flushed to disk and renamed
+  to `checkpoint-N` when complete; older ones are rotated out only after that. A failed write stops the run and
+  keeps the previous checkpoint.
 
 Everything else is the stock `Trainer`.
 """
 
+import json
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
 from typing import Any
 
+import torch
+import torch.distributed as dist
 from omegaconf import DictConfig
 from transformers import Trainer
+from transformers.trainer_utils import rotate_checkpoints
+
+from phi3v_recipes.config import ConfigError, RunStopped
+from phi3v_recipes.data.sample import SampleError
+from phi3v_recipes.preemption import StopSignals
+from phi3v_recipes.rundir import CHECKPOINT_PREFIX, STAGING, checkpoints, record
+
+log = logging.getLogger("phi3v_recipes")
+
+RECIPE_STATE = "recipe_state.json"
+"""Saved in every checkpoint: the exact loss of every optimizer step so far and the world size."""
 
 
 class RecipeTrainer(Trainer):
-    """`Trainer` for one recipe run; `recipe` is the composed configuration."""
+    """`Trainer` for one recipe run; `recipe` is the composed configuration, `run_dir` the run directory."""
 
-    def __init__(self, *args: Any, recipe: DictConfig, **kwargs: Any):
+    def __init__(self, *args: Any, recipe: DictConfig, run_dir: Path, stop_signals: StopSignals | None = None,
+                 pending_record: DictConfig | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.recipe = recipe
+        self.pending_record = pending_record  # written as config.yaml with the first checkpoint it trained
+        self.run_dir = Path(run_dir)
+        self.stop_signals = stop_signals
+        self.step_losses: list[float] = []
+        self.stopped_by: str | None = None
+        self._step_loss = 0.0
+        self._guarded_step = -1
+
+    # ---- problem samples -------------------------------------------------------------------------------------
+
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
+        batches, num_items = [], None
+        for _ in range(num_batches):
+            try:
+                batch = next(epoch_iterator)
+            except StopIteration:
+                break
+            if "error" in batch:
+                raise SampleError(f"{batch['error']} (data.on_error=raise; set data.on_error=skip to drop such "
+                                  "samples and go on)")
+            self._record_skipped(batch.pop("skipped", None) or [])
+            batches.append(batch)
+        num_items = self._get_num_items_in_batch(batches, device)
+        return batches, num_items
+
+    def _record_skipped(self, problems: list[str]) -> None:
+        if problems:
+            for problem in problems:
+                log.warning("skipped while training: %s", problem)
+            with (self.run_dir / "skipped.txt").open("a", encoding="utf-8") as handle:
+                handle.write("".join(f"{p}\n" for p in problems))
+
+    # ---- steps -----------------------------------------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint: str | None = None, **kwargs: Any) -> Any:
+        if resume_from_checkpoint:
+            state = json.loads((Path(resume_from_checkpoint) / RECIPE_STATE).read_text())
+            if state["world_size"] != self.args.world_size:
+                raise ConfigError(
+                    f"{resume_from_checkpoint} was trained by {state['world_size']} processes, this launch has "
+                    f"{self.args.world_size}; resume with the same number of processes (data order and optimizer "
+                    "shards depend on it).")
+            self.step_losses = list(state["step_losses"])
+            log.info("resuming from %s at step %d", resume_from_checkpoint, len(self.step_losses))
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def training_step(self, model: torch.nn.Module, inputs: dict, num_items_in_batch: Any = None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._step_loss = self._step_loss + loss.detach()
+        return loss
+
+    def _maybe_log_save_evaluate(self, tr_loss: torch.Tensor, grad_norm: Any, *args: Any, **kwargs: Any) -> None:
+        if self.state.global_step != self._guarded_step:
+            self._guarded_step = self.state.global_step
+            self._guard_step(grad_norm)
+        super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
+
+    def _guard_step(self, grad_norm: Any) -> None:
+        """One all-reduce per optimizer step: [loss sum, non-finite count, stop signals] over the ranks."""
+        loss = torch.as_tensor(self._step_loss, dtype=torch.float64, device=self.args.device).reshape(())
+        self._step_loss = 0.0
+        norm = float(grad_norm) if grad_norm is not None else 0.0
+        # Under fp16 an overflowing gradient is routine: the loss scaler skips that step and lowers the scale.
+        bad_norm = not math.isfinite(norm) and self.recipe.hardware.precision != "fp16"
+        flags = torch.stack([
+            loss,
+            torch.tensor(float(not torch.isfinite(loss) or bad_norm), dtype=torch.float64, device=loss.device),
+            torch.tensor(float(self.stop_signals is not None and self.stop_signals.received is not None),
+                         dtype=torch.float64, device=loss.device),
+        ])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flags)
+        total, nonfinite, stop = flags.tolist()
+        step = self.state.global_step
+        if nonfinite:
+            last = checkpoints(self.run_dir)
+            kept = f"the last good checkpoint, {last[-1].name}, is kept" if last else "no checkpoint was written yet"
+            raise RunStopped(
+                f"training diverged at step {step}: loss {total / self.args.world_size}, gradient norm {norm}; "
+                f"nothing from this step was saved and {kept}. Lower optim.lr (now {self.recipe.optim.lr}) or "
+                "check the data, then start again.")
+        self.step_losses.append(total / self.args.world_size)
+        if stop:
+            self.stopped_by = (self.stop_signals.name if self.stop_signals and self.stop_signals.received
+                               else "a stop signal on another rank")
+            self.control.should_save = True
+            self.control.should_training_stop = True
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        super().log(logs, start_time)
+        if self.is_world_process_zero() and "loss" in logs:
+            extra = "".join(f" {k} {logs[k]:.6g}" for k in ("grad_norm", "learning_rate") if k in logs)
+            log.info("step %d/%d: loss %.6f%s", self.state.global_step, self.state.max_steps, logs["loss"], extra)
+
+    # ---- checkpoints -----------------------------------------------------------------------------------------
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        name = f"{CHECKPOINT_PREFIX}{self.state.global_step}"
+        staging_root = self.run_dir / STAGING
+        staged, final = staging_root / name, self.run_dir / name
+        main = self.is_world_process_zero()
+        run_output_dir = self.args.output_dir
+        self.args.output_dir = str(staging_root)  # the stock save writes <output_dir>/checkpoint-N
+        try:
+            super()._save_checkpoint(model, trial)
+            self.accelerator.wait_for_everyone()
+            if main:
+                state = {"step_losses": self.step_losses, "world_size": self.args.world_size}
+                (staged / RECIPE_STATE).write_text(json.dumps(state) + "\n")
+                _fsync_tree(staged)
+                if final.exists():  # the same step saved twice (e.g. a resume at the final step): replace it
+                    shutil.rmtree(final)
+                os.replace(staged, final)
+                _fsync_dir(self.run_dir)
+                if self.pending_record is not None:
+                    record(self.pending_record, self.run_dir)
+                    self.pending_record = None
+        except Exception as err:  # noqa: BLE001 - disk full, quota, I/O errors raise OSError, SafetensorError, ...
+            if main:
+                shutil.rmtree(staging_root, ignore_errors=True)
+            kept = checkpoints(self.run_dir)
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[-1]
+            raise RunStopped(
+                f"writing checkpoint {final} failed ({reason}); it was removed and "
+                f"{kept[-1].name + ' is kept' if kept else 'no earlier checkpoint exists'}. Free space in "
+                f"{self.run_dir}, then run the same command to resume.") from None
+        finally:
+            self.args.output_dir = run_output_dir
+        if main:
+            shutil.rmtree(staging_root, ignore_errors=True)
+            rotate_checkpoints(str(self.run_dir), save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+            log.info("saved %s", final)
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*"), reverse=True):
+        if path.is_file():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+        else:
+            _fsync_dir(path)
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def all_finite(model: torch.nn.Module) -> bool:
+    """True when every trainable parameter is finite (checked before the final model is saved)."""
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,168 @@
+"""Runs that are interrupted (SIGTERM, SIGINT, kill -9, a failed write) and relaunched with the same command finish
+exactly as an uninterrupted run; runs that diverge stop without saving a broken model. All through
+`python -m phi3v_recipes` on the tiny demo, on CPU."""
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import offline_env, read_metrics, run_cli
+
+# 48 samples, global batch 16 of 8 x 2 accumulation: 3 optimizer steps per epoch, 9 in all.
+RUN = ("task.train_size=48", "task.eval_size=8", "train.epochs=3", "train.logging_steps=1", "train.save_steps=100",
+       "optim.warmup_steps=2", "eval.before=false", "eval.after=false")
+
+
+def command(run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "phi3v_recipes", *RUN, *extra, f"run.output_dir={run_dir}"]
+
+
+def step_losses(run_dir: Path) -> list[float]:
+    """The exact per-step losses recorded in the newest checkpoint."""
+    newest = max(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return json.loads((newest / "recipe_state.json").read_text())["step_losses"]
+
+
+def start(cmd: list[str], cwd: Path, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=cwd, env=offline_env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended early: {proc.communicate()[1][-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("timed out")
+        time.sleep(interval)
+
+
+def logged(run_dir: Path, text: str) -> bool:
+    log = run_dir / "train.log"
+    return log.is_file() and text in log.read_text()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("uninterrupted")
+    out = subprocess.run(command(root / "run"), cwd=root, env=offline_env(OMP_NUM_THREADS="1"), capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return root / "run"
+
+
+@pytest.mark.parametrize(("stop", "workers"), [(signal.SIGTERM, 0), (signal.SIGINT, 2)])
+def test_a_stop_signal_mid_epoch_saves_and_the_same_command_finishes_the_run(stop, workers, uninterrupted,
+                                                                            tmp_path):
+    """SIGTERM (preemption) or SIGINT (Ctrl-C, which also reaches the DataLoader workers) in the middle of an epoch:
+    the run finishes its optimizer step, saves a checkpoint there and exits with one line (code 128 + signal, no
+    traceback); the identical command then resumes and ends with the per-step losses and train_loss of a run that
+    was never interrupted (to 1e-6). train.log tells the story."""
+    run_dir = tmp_path / "run"
+    cmd = command(run_dir, f"data.num_workers={workers}")
+    proc = start(cmd, tmp_path, start_new_session=True)
+    wait_for(lambda: logged(run_dir, "step 4/9"), proc)
+    os.killpg(proc.pid, stop) if stop == signal.SIGINT else proc.send_signal(stop)  # Ctrl-C hits the whole group
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + stop, stderr[-3000:]
+    assert "Traceback" not in stderr
+    (line,) = [x.split("stopped: ", 1)[1] for x in stderr.splitlines() if "stopped: " in x]
+    assert f"stopped by {stop.name} at step" in line and "run the same command to resume" in line
+    saved = int(line.split("at step ")[1].split(":")[0])
+    assert 4 <= saved < 9 and (run_dir / f"checkpoint-{saved}").is_dir()
+    assert not (run_dir / "metrics.json").exists() and not (run_dir / "model.safetensors").exists()
+
+    again = subprocess.run(cmd, cwd=tmp_path, env=offline_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    expected = step_losses(uninterrupted)
+    assert len(expected) == 9
+    assert step_losses(run_dir) == pytest.approx(expected, abs=1e-6, rel=0)
+    assert read_metrics(run_dir)["train_loss"] == pytest.approx(read_metrics(uninterrupted)["train_loss"], abs=1e-6)
+    assert read_metrics(run_dir)["train_loss"] == pytest.approx(sum(expected) / 9, abs=1e-9)
+    log = (run_dir / "train.log").read_text()
+    for text in ("command: ", "step 1/9: loss ", f"received {stop.name}", f"stopped by {stop.name}",
+                 f"resuming from {run_dir / f'checkpoint-{saved}'}", "step 9/9: loss ", "== phi3v-recipes:"):
+        assert text in log, text
+
+
+def test_kill_9_while_a_checkpoint_is_written_then_the_same_command_finishes(uninterrupted, tmp_path):
+    """kill -9 at the moment a checkpoint is being written: no incomplete checkpoint is ever taken for a complete
+    one. The next launch of the same command reports and removes what was left half-written, resumes from the last
+    complete checkpoint (or starts over) and ends with the uninterrupted run's losses."""
+    run_dir = tmp_path / "run"
+    cmd = command(run_dir, "train.save_steps=3")
+    proc = start(cmd, tmp_path)
+    staging = run_dir / ".checkpoint-staging"
+    wait_for(lambda: staging.exists() and any(staging.iterdir()) and logged(run_dir, "saved"), proc, interval=0.0002)
+    proc.kill()
+    proc.communicate(timeout=60)
+    # Killed while checkpoint-6 was staged (almost always), or just after its rename: never a partial checkpoint-6.
+    renamed = (run_dir / "checkpoint-6").exists()
+    assert not renamed or (run_dir / "checkpoint-6" / "recipe_state.json").is_file()
+    (run_dir / "checkpoint-9").mkdir()  # what an older, non-atomic save would leave: an empty checkpoint
+
+    again = subprocess.run(cmd, cwd=tmp_path, env=offline_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    log = (run_dir / "train.log").read_text()
+    removed = "checkpoint-9" if renamed else "checkpoint-6, checkpoint-9"
+    assert f"removed incomplete checkpoint(s) left by an interrupted run: {removed}" in log
+    assert f"resuming from {run_dir / ('checkpoint-6' if renamed else 'checkpoint-3')}" in log
+    assert step_losses(run_dir) == pytest.approx(step_losses(uninterrupted), abs=1e-6, rel=0)
+
+
+def _small_file_limit() -> None:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing
+    resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
+
+
+def test_a_failed_checkpoint_write_stops_the_run_and_keeps_the_previous_checkpoint(tmp_path):
+    """A checkpoint write that fails (here: files may not grow past 256 KiB, as on a full disk) stops the run with one
+    sentence naming the checkpoint and the reason; the previous checkpoint stays complete, nothing half-written is
+    left, and the same command without the limit finishes the run."""
+    run_dir = tmp_path / "run"
+    first = subprocess.run(command(run_dir, "train.max_steps=3", "train.save_steps=3"), cwd=tmp_path,
+                           env=offline_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    cmd = command(run_dir, "train.max_steps=6", "train.save_steps=3")
+    full = subprocess.run(cmd, cwd=tmp_path, env=offline_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=600, preexec_fn=_small_file_limit)
+    assert full.returncode == 1, full.stderr[-3000:]
+    assert "Traceback" not in full.stderr, full.stderr[-4000:]
+    assert f"error: writing checkpoint {run_dir / 'checkpoint-6'} failed (" in full.stderr
+    assert "checkpoint-3 is kept" in full.stderr
+    assert [p.name for p in run_dir.glob("checkpoint-*")] == ["checkpoint-3"]
+    assert (run_dir / "checkpoint-3" / "trainer_state.json").is_file()
+    assert not (run_dir / ".checkpoint-staging").exists()
+
+    again = subprocess.run(cmd, cwd=tmp_path, env=offline_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(step_losses(run_dir)) == 6
+
+
+def test_a_diverging_run_stops_naming_the_step_and_saves_no_broken_model(tmp_path):
+    """optim.lr=1e6 makes the weights non-finite within a few steps: the run stops with one sentence naming the step
+    and the non-finite loss, exits non-zero, keeps the last good checkpoint and saves no final model or metrics."""
+    run_dir = tmp_path / "run"
+    out = run_cli([*RUN, "optim.lr=1e6", "optim.warmup_steps=0", "train.save_steps=1", f"run.output_dir={run_dir}"],
+                  cwd=tmp_path)
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    (line,) = [x.split("error: ", 1)[1] for x in out.stderr.splitlines() if "error: " in x]
+    assert "training diverged at step" in line and ("loss nan" in line or "loss inf" in line)
+    step = int(line.split("at step ")[1].split(":")[0])
+    assert f"checkpoint-{step - 1}, is kept" in line
+    assert sorted(int(p.name.split("-")[1]) for p in run_dir.glob("checkpoint-*"))[-1] == step - 1
+    assert not (run_dir / "model.safetensors").exists() and not (run_dir / "metrics.json").exists()
+    assert "training diverged at step" in (run_dir / "train.log").read_text()

@@ -1,45 +1,78 @@
 """Slurm through the Hydra submitit launcher (conf/hydra/launcher/slurm.yaml, slurm_local.yaml): each task of a
-job is one rank of one DDP job, all tasks share one run directory, and the batch script carries the settings the
-docs promise."""
+job is one rank of one DDP job, all tasks and every requeue share one run directory, the timeout signal saves and
+requeues, and the batch script carries the settings the docs promise."""
 
+import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
+import psutil
 import pytest
 
-from tests.conftest import offline_env, read_metrics, run_cli
+from tests.conftest import offline_env, read_metrics
 
-# A 2-step run: 32 samples, global batch 16 = 2 ranks x 8; no evaluation.
-TWO_RANK_DEMO = ("task.train_size=32", "train.epochs=1", "train.logging_steps=1", "eval.before=false",
-                 "eval.after=false")
+# 32 samples, global batch 16 = 2 ranks x 8, a checkpoint every 2 steps, no evaluation.
+TWO_RANK_DEMO = ("task.train_size=32", "train.max_steps=12", "train.save_steps=2", "train.logging_steps=1",
+                 "eval.before=false", "eval.after=false")
+
+
+def submitit_tasks(pid: int) -> list[psutil.Process]:
+    """The task processes of the submitit jobs started under process `pid` (the local executor's workers)."""
+    found = []
+    for child in psutil.Process(pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "submitit.core._submit" in " ".join(child.cmdline()):
+                found.append(child)
+    return found
 
 
 @pytest.mark.slow
-def test_local_submitit_job_runs_two_tasks_as_ranks_of_one_ddp_job(tmp_path):
-    """`-m hydra/launcher=slurm_local` runs the job as 2 submitit tasks that join one gloo DDP job (each task
-    saves its own rank's RNG state, rank 1 logs to train.rank1.log) in the one run directory the launching process
-    named (the default, timestamped sweep directory: the tasks inherit its stamp), and writes metrics.json."""
-    out = run_cli(["-m", "hydra/launcher=slurm_local", *TWO_RANK_DEMO], cwd=tmp_path)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+def test_local_two_task_job_is_one_ddp_run_that_saves_and_requeues_on_the_timeout_signal(tmp_path):
+    """`-m hydra/launcher=slurm_local` runs the job as 2 submitit tasks that join one gloo DDP job (each task saves
+    its own rank's RNG state, rank 1 logs to train.rank1.log) in the one run directory the launching process named
+    (the default, timestamped sweep directory). SIGUSR2 to both tasks mid-run (what Slurm sends `signal_delay_s`
+    before the time limit): the ranks finish their step and save it, submitit requeues the job, and the requeued
+    tasks find the same directory, resume from that checkpoint, finish all steps and write metrics.json."""
+    cmd = [sys.executable, "-m", "phi3v_recipes", "-m", "hydra/launcher=slurm_local", *TWO_RANK_DEMO]
+    output = tmp_path / "output.txt"
+    with output.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=offline_env(), stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while not list(tmp_path.glob("multirun/demo/*/0/checkpoint-*")):
+            assert proc.poll() is None and time.monotonic() < deadline, output.read_text()[-3000:]
+            time.sleep(0.05)
+        tasks = submitit_tasks(proc.pid)
+        assert len(tasks) == 2
+        for task in tasks:
+            task.send_signal(signal.SIGUSR2)
+        assert proc.wait(timeout=300) == 0, output.read_text()[-3000:]
+
     (sweep,) = (tmp_path / "multirun" / "demo").iterdir()
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == [".submitit", "0"]
     run_dir = sweep / "0"
     metrics = read_metrics(run_dir)
-    assert metrics["global_steps"] == 2 and metrics["output_dir"] == str(run_dir)
-    assert (run_dir / "train.log").is_file() and (run_dir / "train.rank1.log").is_file()
-    assert sorted(p.name for p in (run_dir / "checkpoint-2").glob("rng_state*")) == ["rng_state_0.pth",
-                                                                                   "rng_state_1.pth"]
+    assert metrics["global_steps"] == 12 and metrics["output_dir"] == str(run_dir)
+    assert (run_dir / "train.rank1.log").is_file()
+    assert sorted(p.name for p in (run_dir / "checkpoint-12").glob("rng_state*")) == ["rng_state_0.pth",
+                                                                                    "rng_state_1.pth"]
+    log = (run_dir / "train.log").read_text()
+    stopped = re.search(r"stopped by SIGUSR2 at step (\d+)", log)
+    assert stopped and 2 <= int(stopped.group(1)) < 12, log[-3000:]
+    assert f"resuming from {run_dir / f'checkpoint-{stopped.group(1)}'}" in log
     (job,) = (p for p in (sweep / ".submitit").iterdir() if p.name != "%j")
+    assert "Requeued job" in "".join(p.read_text() for p in job.glob(f"{job.name}_0_log.*"))
     assert sorted(p.name for p in job.glob("*_result.pkl")) == [f"{job.name}_0_result.pkl",
                                                                  f"{job.name}_1_result.pkl"]
 
 
 def test_slurm_batch_script_asks_for_one_task_per_gpu_and_the_timeout_signal(tmp_path):
-    """`-m hydra/launcher=slurm` writes an sbatch script with one task per GPU, the time limit, SIGUSR2
-    `signal_delay_s` before it. (`sbatch` here is a stand-in that records the script and refuses the job.) Without Slurm, the
-    command stops with one sentence."""
+    """`-m hydra/launcher=slurm` writes an sbatch script with one task per GPU, the time limit, and SIGUSR2
+    `signal_delay_s` before it. (`sbatch` here is a stand-in that records the script and refuses the job.) Without
+    Slurm, the command stops with one sentence."""
     bin_dir, record = tmp_path / "bin", tmp_path / "submitted.sh"
     bin_dir.mkdir()
     for tool, script in {"sbatch": f'cp "$1" {record}\necho "sbatch: no Slurm here" >&2\nexit 1',

@@ -12,7 +12,11 @@ import time
 
 import psutil
 import pytest
+from hydra import compose, initialize_config_module
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
 
+from phi3v_recipes.config import ConfigError, register_resolvers, validate
 from tests.conftest import offline_env, read_metrics
 
 # 32 samples, global batch 16 = 2 ranks x 8, a checkpoint every 2 steps, no evaluation.
@@ -96,3 +100,21 @@ def test_slurm_batch_script_asks_for_one_task_per_gpu_and_the_timeout_signal(tmp
     assert no_slurm.returncode == 2 and no_slurm.stderr.startswith("error: hydra/launcher=slurm submits with sbatch"), \
         no_slurm.stderr[-2000:]
     assert len(no_slurm.stderr.strip().splitlines()) == 1, no_slurm.stderr
+
+
+def test_a_multi_node_submitit_job_needs_no_explicit_run_directory(monkeypatch):
+    """Over several nodes, torchrun ranks must be given run.output_dir (each node would take its own stamp), but
+    the tasks of a submitit job get their directory resolved from the submission: start-up accepts them."""
+    register_resolvers()
+    with initialize_config_module(config_module="phi3v_recipes.conf", version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["train.batch_size=1"], return_hydra_config=True)
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", HydraConfig.instance().cfg)  # restored afterwards
+    HydraConfig.instance().set_config(cfg)  # as in a launched job: run.output_dir not given
+    with open_dict(cfg):
+        del cfg["hydra"]
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="several nodes"):
+        validate(cfg, world=4)
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    monkeypatch.setenv("SUBMITIT_FOLDER", "/cluster/sweep/.submitit/42")
+    validate(cfg, world=4)

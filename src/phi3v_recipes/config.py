@@ -16,7 +16,7 @@ from typing import TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from phi3v_recipes.cluster import export_distributed_env
+from phi3v_recipes.cluster import export_distributed_env, in_submitit_job
 
 STRATEGIES = ("full", "frozen_vision", "lora", "qlora")
 PRECISIONS = ("bf16", "fp16", "fp32")
@@ -193,7 +193,8 @@ def validate(cfg: DictConfig, world: int | None = None) -> None:
         _require(strategy.lora.rank >= 1, f"strategy.lora.rank={strategy.lora.rank} must be >= 1.")
     nodes = world // int(os.environ.get("LOCAL_WORLD_SIZE", world))
     _require(
-        nodes <= 1 or "PHI3V_RUN_STAMP" in os.environ or _explicit_output_dir(cfg),
+        # a submitit job's directory comes resolved from its submission (cluster.py), the same on every node
+        nodes <= 1 or "PHI3V_RUN_STAMP" in os.environ or in_submitit_job() or _explicit_output_dir(cfg),
         "a run over several nodes needs one run directory on all of them: set run.output_dir=<shared path>.",
     )
 

@@ -16,6 +16,8 @@ from typing import TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from phi3v_recipes.cluster import export_distributed_env, in_submitit_job
+
 STRATEGIES = ("full", "frozen_vision", "lora", "qlora")
 PRECISIONS = ("bf16", "fp16", "fp32")
 ATTENTION = ("eager", "sdpa", "flash_attention_2")
@@ -82,22 +84,31 @@ def log_to_files(message: str, level: int = logging.INFO) -> None:
 
 
 def rank() -> int:
+    export_distributed_env()  # a task of a multi-task submitit job learns its rank before Hydra names its logs
     return int(os.environ.get("RANK", 0))
 
 
 def world_size() -> int:
+    export_distributed_env()
     return int(os.environ.get("WORLD_SIZE", 1))
+
+
+_stamp: str | None = None
 
 
 def run_stamp() -> str:
     """A timestamp naming the run directory, identical on every rank of one torchrun launch.
 
     Ranks start at slightly different times, so under torchrun the stamp is the start time of the launcher
-    (the parent process all local ranks share); PHI3V_RUN_STAMP overrides it. Across several nodes nothing is
-    shared: `validate` then asks for an explicit run.output_dir.
+    (the parent process all local ranks share); PHI3V_RUN_STAMP overrides it (a multirun exports it for the jobs
+    it submits: cluster.SubmissionSetup). Across several nodes nothing else is shared: `validate` then asks for an
+    explicit run.output_dir. One process always gets the same stamp.
     """
+    global _stamp
     if stamp := os.environ.get("PHI3V_RUN_STAMP"):
         return stamp
+    if _stamp is not None:
+        return _stamp
     started = time.time()
     if "LOCAL_RANK" in os.environ:
         try:
@@ -106,7 +117,8 @@ def run_stamp() -> str:
             started = psutil.Process(os.getppid()).create_time()
         except Exception:  # noqa: BLE001 - fall back to now; validate() still guards multi-node runs
             pass
-    return time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(started))
+    _stamp = time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(started))
+    return _stamp
 
 
 def register_resolvers() -> None:
@@ -181,7 +193,8 @@ def validate(cfg: DictConfig, world: int | None = None) -> None:
         _require(strategy.lora.rank >= 1, f"strategy.lora.rank={strategy.lora.rank} must be >= 1.")
     nodes = world // int(os.environ.get("LOCAL_WORLD_SIZE", world))
     _require(
-        nodes <= 1 or "PHI3V_RUN_STAMP" in os.environ or _explicit_output_dir(),
+        # a submitit job's directory comes resolved from its submission (cluster.py), the same on every node
+        nodes <= 1 or "PHI3V_RUN_STAMP" in os.environ or in_submitit_job() or _explicit_output_dir(),
         "a run over several nodes needs one run directory on all of them: set run.output_dir=<shared path>.",
     )
 

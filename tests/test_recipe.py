@@ -127,22 +127,26 @@ def test_resume_continues_from_the_latest_checkpoint(tmp_path):
 
 
 def test_a_fresh_run_never_overwrites_an_earlier_one(default_demo, tmp_path):
-    """Training into a run directory that already holds a run, without train.resume, stops before touching its
-    model, checkpoints, config or metrics (Hydra's own launch record, .hydra/ and the log, is rewritten)."""
+    """Training into a run directory that already holds a run stops before touching its model, checkpoints, config
+    or metrics (Hydra's own launch record, .hydra/, the log and the lock are rewritten): with train.resume=false as
+    an error, and with the default (auto) by saying the run is finished."""
     _, run_dir = default_demo
 
     def results():
         return {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")
-                if p.is_file() and ".hydra" not in p.parts and p.name != "train.log"}
+                if p.is_file() and ".hydra" not in p.parts and p.name not in ("train.log", ".lock")}
 
     before = results()
+    out = run_cli([f"run.output_dir={run_dir}", "train.resume=false"], cwd=tmp_path)
+    assert out.returncode == 2 and "already holds a run; continue it with train.resume=auto" in out.stderr
+    assert results() == before
     out = run_cli([f"run.output_dir={run_dir}"], cwd=tmp_path)
-    assert out.returncode == 2 and "already holds a run; continue it with train.resume=true" in out.stderr
+    assert out.returncode == 0 and "holds a finished run (metrics.json): nothing to train" in out.stdout
     assert results() == before
 
 
 def test_resume_without_a_checkpoint_fails_early(tmp_path):
     """train.resume=true in a directory with no checkpoint stops with one sentence that says what to pass."""
     out = run_cli([*SMALL_DEMO, "train.resume=true", f"run.output_dir={tmp_path / 'empty'}"], cwd=tmp_path)
-    assert out.returncode == 2 and "holds no checkpoint-* directory" in out.stderr
+    assert out.returncode == 2 and "holds no complete checkpoint-* directory" in out.stderr
     assert "Traceback" not in out.stderr

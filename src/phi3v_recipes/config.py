@@ -19,6 +19,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from phi3v_recipes.cluster import export_distributed_env, in_submitit_job
+
 STRATEGIES = ("full", "frozen_vision", "lora", "qlora")
 PRECISIONS = ("bf16", "fp16", "fp32")
 ATTENTION = ("eager", "sdpa", "flash_attention_2")
@@ -85,22 +87,31 @@ def log_to_files(message: str, level: int = logging.INFO) -> None:
 
 
 def rank() -> int:
+    export_distributed_env()  # a task of a multi-task submitit job learns its rank before Hydra names its logs
     return int(os.environ.get("RANK", 0))
 
 
 def world_size() -> int:
+    export_distributed_env()
     return int(os.environ.get("WORLD_SIZE", 1))
+
+
+_stamp: str | None = None
 
 
 def run_stamp() -> str:
     """A timestamp naming the run directory, identical on every rank of one torchrun launch.
 
     Ranks start at slightly different times, so under torchrun the stamp is the start time of the launcher
-    (the parent process all local ranks share); PHI3V_RUN_STAMP overrides it. Across several nodes nothing is
-    shared: `validate` then asks for an explicit run.output_dir.
+    (the parent process all local ranks share); PHI3V_RUN_STAMP overrides it (a multirun exports it for the jobs
+    it submits: cluster.SubmissionSetup). Across several nodes nothing else is shared: `validate` then asks for an
+    explicit run.output_dir. One process always gets the same stamp.
     """
+    global _stamp
     if stamp := os.environ.get("PHI3V_RUN_STAMP"):
         return stamp
+    if _stamp is not None:
+        return _stamp
     started = time.time()
     if "LOCAL_RANK" in os.environ:
         try:
@@ -109,7 +120,8 @@ def run_stamp() -> str:
             started = psutil.Process(os.getppid()).create_time()
         except Exception:  # noqa: BLE001 - fall back to now; validate() still guards multi-node runs
             pass
-    return time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(started))
+    _stamp = time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(started))
+    return _stamp
 
 
 def register_resolvers() -> None:
@@ -297,7 +309,8 @@ def validate(cfg: DictConfig, world: int | None = None) -> None:
         )
     nodes = world // int(os.environ.get("LOCAL_WORLD_SIZE", world))
     _require(
-        nodes <= 1 or "PHI3V_RUN_STAMP" in os.environ or _explicit_output_dir(cfg),
+        # a submitit job's directory comes resolved from its submission (cluster.py), the same on every node
+        nodes <= 1 or "PHI3V_RUN_STAMP" in os.environ or in_submitit_job() or _explicit_output_dir(),
         "a run over several nodes needs one run directory on all of them: set run.output_dir=<shared path>.",
     )
 
@@ -330,15 +343,41 @@ def check_hardware(cfg: DictConfig) -> None:
     )
 
 
-def _explicit_output_dir(cfg: DictConfig) -> bool:
+def launch_overrides() -> list[str]:
+    """The command-line overrides of this job (in a sweep or a Slurm job too, where the process's own command line
+    is the launcher's)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
+
+
+def _explicit_output_dir() -> bool:
     """True when the user chose run.output_dir (the default embeds the launch stamp)."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
-        overrides = HydraConfig.get().overrides.task
+        HydraConfig.get()
     except ValueError:
         return True
-    return any(o.split("=", 1)[0].lstrip("+") == "run.output_dir" for o in overrides)
+    return any(o.split("=", 1)[0].lstrip("+") == "run.output_dir" for o in launch_overrides())
+
+
+def resume_command(run_dir: Path) -> str:
+    """How to continue the run in `run_dir`: the same command, plus the directory when its name held a launch time
+    that a new launch would not reproduce."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        fixed = HydraConfig.get().mode == RunMode.MULTIRUN or _explicit_output_dir()
+    except ValueError:
+        fixed = True
+    if fixed or "PHI3V_RUN_STAMP" in os.environ:
+        return "run the same command"
+    return f"run the same command with run.output_dir={run_dir}"
 
 
 def output_dir(cfg: DictConfig) -> Path:

@@ -15,6 +15,7 @@
 import atexit
 import fcntl
 import json
+import logging
 import os
 import shutil
 import socket
@@ -27,6 +28,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from phi3v_recipes.config import ConfigError, RunStopped
 from phi3v_recipes.files import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STAGING = ".checkpoint-staging"
@@ -97,6 +100,9 @@ class RunLock:
                 f"{self.path.parent} is in use by another run ({holder}); wait for it to finish or stop it, or "
                 "choose another run.output_dir."
             ) from None
+        except OSError as err:  # e.g. a Lustre mount without flock: run unguarded rather than not at all
+            log.warning("cannot lock %s (%s): this file system has no flock; a second job started in this run "
+                        "directory will not be detected", self.path, err.strerror or err)
         self.took_over = _read_holder(self.path) or None
         handle.seek(0)
         handle.truncate()

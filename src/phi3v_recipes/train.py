@@ -27,8 +27,10 @@ from phi3v_recipes.config import (
     ConfigError,
     RunStopped,
     gradient_accumulation,
+    launch_overrides,
     log_to_files,
     output_dir,
+    resume_command,
     uses_deepspeed,
     validate,
     world_size,
@@ -45,6 +47,7 @@ from phi3v_recipes.preemption import StopSignals
 from phi3v_recipes.rundir import (
     RunLock,
     check_same_run,
+    checkpoints,
     extends,
     record,
     remove_incomplete,
@@ -129,17 +132,18 @@ def _open_run_dir(cfg: DictConfig, run_dir: Path) -> tuple[RunLock, str | None]:
     if removed:
         log.warning("removed incomplete checkpoint(s) left by an interrupted run: %s", ", ".join(removed))
     saved = saved_record(run_dir)
-    resume = resume_point(cfg.train.resume, run_dir, extends(saved, cfg))
     changes: list[str] = []
-    if resume is not None and saved is not None:
-        changes = check_same_run(saved, cfg)
-        if changes:
-            log.info("resuming with changed settings: %s", "; ".join(changes))
+    if saved is not None and cfg.train.resume is not False and (checkpoints(run_dir) or (run_dir / "metrics.json").exists()):
+        changes = check_same_run(saved, cfg)  # before anything else: a changed run must not even look finished
+    resume = resume_point(cfg.train.resume, run_dir, extends(saved, cfg))
+    if resume is not None and changes:
+        log.info("resuming with changed settings: %s", "; ".join(changes))
     if resume is None or saved is None:
         record(cfg, run_dir)
     if resume is not None and (run_dir / "metrics.json").is_file():  # a finished run, extended: no longer final
         os.replace(run_dir / "metrics.json", run_dir / "metrics.previous.json")
-    log.info("%s", f"resuming from {resume}" if resume else f"starting a new run in {run_dir}")
+    log.info("%s", f"resuming from {resume}" if resume else f"starting a new run in {run_dir} (if it is interrupted: "
+             f"{resume_command(run_dir)} to resume)")
     return lock, resume
 
 
@@ -147,6 +151,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Train and evaluate as `cfg` says; return the metrics (also written to <run dir>/metrics.json)."""
     start = time.perf_counter()
     log.info("command: %s", " ".join(sys.orig_argv))
+    log.info("overrides: %s", " ".join(launch_overrides()) or "none")
     validate(cfg)
     run_dir = output_dir(cfg)
     args = training_arguments(cfg, run_dir)
@@ -209,7 +214,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     step = trainer.state.global_step
     if trainer.stopped_by:
         message = (f"stopped by {trainer.stopped_by} at step {step}: checkpoint-{step} is saved in {run_dir}; run "
-                   "the same command to resume.")
+                   f"{resume_command(run_dir)} to resume.")
         log.warning("%s", message)
         stop_signals.chain()  # a cluster launcher's handler may requeue the job here
         raise RunStopped(message, exit_code=128 + (stop_signals.received or signal.SIGTERM))

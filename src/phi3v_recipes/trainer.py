@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 from transformers import Trainer
 from transformers.trainer_utils import rotate_checkpoints
 
-from phi3v_recipes.config import ConfigError, RunStopped
+from phi3v_recipes.config import ConfigError, RunStopped, resume_command
 from phi3v_recipes.data.sample import SampleError
 from phi3v_recipes.preemption import StopSignals
 from phi3v_recipes.rundir import CHECKPOINT_PREFIX, STAGING, checkpoints, record
@@ -172,9 +172,10 @@ class RecipeTrainer(Trainer):
             raise RunStopped(
                 f"writing checkpoint {final} failed ({reason}); it was removed and "
                 f"{kept[-1].name + ' is kept' if kept else 'no earlier checkpoint exists'}. Free space in "
-                f"{self.run_dir}, then run the same command to resume.") from None
+                f"{self.run_dir}, then {resume_command(self.run_dir)} to resume.") from None
         finally:
             self.args.output_dir = run_output_dir
+        self.accelerator.wait_for_everyone()  # no rank leaves (e.g. on a stop signal) before the rename is done
         if main:
             shutil.rmtree(staging_root, ignore_errors=True)
             rotate_checkpoints(str(self.run_dir), save_total_limit=self.args.save_total_limit,

@@ -1,0 +1,66 @@
+"""Slurm through the Hydra submitit launcher: each Slurm task is one rank of a DDP/DeepSpeed job.
+
+    python -m phi3v_recipes -m hydra/launcher=slurm task=nlvr2 strategy=full hardware=a100 \
+        hydra.launcher.partition=<partition>
+
+Inside a job that submitit started with several tasks, `export_distributed_env` sets the variables
+torch.distributed reads (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) from the job
+itself (`submitit.helpers.TorchDistributedEnvironment`: Slurm's task ids and node list, or the local executor's),
+before the Trainer joins the process group. Elsewhere (a plain run, torchrun) it does nothing.
+
+`SubmissionSetup` fixes the launch stamp of the run directories at submission: the launching process exports
+PHI3V_RUN_STAMP, which every task inherits and Slurm keeps for a requeued job, so that all tasks and every
+requeue resolve `${phi3v_stamp:}` alike (the sweep directory itself also travels resolved in the job's pickle:
+Hydra copies the launching config's resolver cache into each job's). A job's run directory,
+<hydra.sweep.dir>/<job number>, is thus the same for all its tasks and attempts, and `train.resume=auto` finds
+its checkpoints there.
+"""
+
+import os
+import shutil
+import sys
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+_exported = False
+
+
+def in_submitit_job() -> bool:
+    """True in a process that submitit started as a job task (Slurm or local executor)."""
+    return bool(os.environ.get("SUBMITIT_EXECUTOR")) and "SUBMITIT_FOLDER" in os.environ
+
+
+def export_distributed_env() -> None:
+    """In a submitit job of more than one task, export this task's rank and the job's rendezvous (once per
+    process; the job's values replace any inherited from the submitting shell). A no-op anywhere else.
+
+    CUDA_VISIBLE_DEVICES is left alone: every task of a node sees the node's GPUs and takes cuda:LOCAL_RANK."""
+    global _exported
+    if _exported or not in_submitit_job():
+        return
+    from submitit import JobEnvironment
+    from submitit.helpers import TorchDistributedEnvironment
+
+    if JobEnvironment().num_tasks > 1:
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    _exported = True
+
+
+class SubmissionSetup(Callback):
+    """Hydra callback (conf/train.yaml), run before a multirun launches its jobs: exports the run stamp its
+    directories are named with, so that jobs started in other processes (submitit tasks, requeued jobs) inherit
+    it instead of taking their own start time; with hydra/launcher=slurm, stops with one sentence where there is
+    no Slurm to submit to."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from phi3v_recipes.config import run_stamp
+
+        os.environ["PHI3V_RUN_STAMP"] = run_stamp()
+        launcher = str(config.hydra.launcher.get("_target_", ""))
+        if launcher.endswith(".SlurmLauncher") and not (shutil.which("sbatch") and shutil.which("srun")):
+            print("error: hydra/launcher=slurm submits with sbatch and srun, which are not on PATH here; submit "
+                  "from a Slurm login node, or run on this machine with hydra/launcher=slurm_local.",
+                  file=sys.stderr, flush=True)
+            sys.exit(2)

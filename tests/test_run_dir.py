@@ -1,0 +1,96 @@
+"""The run directory records the truth: one job at a time, a resume trains what the record says or stops, a finished
+run is not trained again. Through `python -m phi3v_recipes` on the tiny demo, on CPU."""
+
+import subprocess
+import sys
+import time
+
+from omegaconf import OmegaConf
+
+from phi3v_recipes.rundir import MAY_CHANGE, SAME_RUN, check_same_run
+from tests.conftest import compose_config, offline_env, read_metrics, run_cli
+
+RUN = ("task.train_size=48", "task.eval_size=8", "train.logging_steps=1", "optim.warmup_steps=2",
+       "eval.before=false", "eval.after=false", "train.save_steps=3")
+
+
+def untouched(run_dir) -> dict:
+    """Every file of a run but the launch records a relaunch rewrites (.hydra/, the log, the lock)."""
+    return {p: p.read_bytes() for p in run_dir.rglob("*")
+            if p.is_file() and ".hydra" not in p.parts and p.name not in ("train.log", ".lock")}
+
+
+def test_resume_with_other_settings_stops_naming_them_and_a_longer_run_extends(tmp_path):
+    """Resuming with settings that change what is trained (optim.lr, train.seed) stops with one sentence naming each
+    key and both values, touching nothing; a longer train.max_steps (allowed) continues from the last checkpoint and
+    the record then says so; relaunching the finished run trains nothing and says so."""
+    run_dir = tmp_path / "run"
+    base = [*RUN, "train.max_steps=3", f"run.output_dir={run_dir}"]
+    first = run_cli(base, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = untouched(run_dir)
+
+    changed = run_cli([*base, "optim.lr=0.5", "train.seed=7"], cwd=tmp_path)
+    assert changed.returncode == 2 and "Traceback" not in changed.stderr
+    assert "optim.lr: 0.003 -> 0.5" in changed.stderr and "train.seed: 42 -> 7" in changed.stderr
+    assert "train.max_steps" not in changed.stderr
+    assert untouched(run_dir) == before
+
+    again = run_cli(base, cwd=tmp_path)
+    assert again.returncode == 0 and "holds a finished run (metrics.json): nothing to train" in again.stdout
+    assert untouched(run_dir) == before
+
+    longer = run_cli([*RUN, "train.max_steps=5", f"run.output_dir={run_dir}"], cwd=tmp_path)
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    assert read_metrics(run_dir)["global_steps"] == 5
+    assert OmegaConf.load(run_dir / "config.yaml").train.max_steps == 5
+    assert (run_dir / "metrics.previous.json").is_file()
+    assert "resuming with changed settings: train.max_steps: 3 -> 5" in (run_dir / "train.log").read_text()
+
+
+def test_a_second_process_on_a_busy_run_directory_stops_and_a_dead_holder_is_taken_over(tmp_path):
+    """While a run trains, a second launch into its directory stops at once naming the holder (pid and command) and
+    changes nothing; after the holder is killed with -9, the next launch takes the stale lock over and finishes."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "phi3v_recipes", *RUN, "train.epochs=20", f"run.output_dir={run_dir}"]
+    holder = subprocess.Popen(cmd, cwd=tmp_path, env=offline_env(OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "train.log").is_file() or "step 1/" not in (run_dir / "train.log").read_text():
+            assert holder.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        second = run_cli([*RUN, f"run.output_dir={run_dir}"], cwd=tmp_path)
+        assert second.returncode == 2 and "Traceback" not in second.stderr
+        assert f"is in use by another run (pid {holder.pid} on " in second.stderr
+        assert "train.epochs=20" in second.stderr  # the holder's command
+        assert holder.poll() is None
+    finally:
+        holder.kill()
+        holder.wait()
+    third = run_cli([*RUN, "train.epochs=20", "train.max_steps=4", f"run.output_dir={run_dir}"], cwd=tmp_path)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "took over the lock" in (run_dir / "train.log").read_text()
+
+
+def test_the_keys_that_decide_the_weights_are_governed_and_the_rest_may_change():
+    """check_same_run refuses a change in each group that decides the weights (model, task, strategy, optim, train,
+    data, precision) and allows the documented MAY_CHANGE keys and everything outside those groups."""
+    saved = compose_config("model=tiny", "hardware=cpu")
+    refused = {"model.name_or_path": "other", "task.train_size": 7, "strategy.name": "lora", "optim.lr": 1.0,
+               "train.global_batch_size": 32, "data.num_crops": 4, "hardware.precision": "bf16"}
+    for key, value in refused.items():
+        now = saved.copy()
+        OmegaConf.update(now, key, value)
+        try:
+            check_same_run(saved, now)
+        except ValueError as err:
+            assert key in str(err)
+        else:
+            raise AssertionError(f"{key} may not change on resume")
+    now = saved.copy()
+    for key, value in {"train.max_steps": 99, "data.num_workers": 5, "eval.batch_size": 3, "report_to": "none",
+                       "model.attn_implementation": "eager"}.items():
+        OmegaConf.update(now, key, value)
+    assert len(check_same_run(saved, now)) == 5
+    assert all(key.startswith(SAME_RUN) for key in MAY_CHANGE)

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from phi3v_recipes.model.image_processing_phi3v import convert_image_to_rgb
+
 ImageRef = Image.Image | str | Path | Callable[[], Image.Image]
 """An image, a path to one, or a callable that opens one (for dataset rows): it may return the image before its
 pixels are decoded (`Image.open`), so that its size is checked from the header first."""
@@ -70,7 +72,7 @@ def _own_pixel_limit() -> Iterator[None]:
 
 def to_rgb8(image: Image.Image) -> Image.Image:
     """8-bit RGB: 16-bit integer pixels scaled by 255/65535, other integer and float pixels scaled from their
-    own range (floats within [0, 1] by 255), palettes and alpha composited onto white."""
+    own range (floats within [0, 1] by 255), transparency composited onto white as the processor does."""
     if image.mode.startswith("I") or image.mode == "F":
         values = np.asarray(image, dtype=np.float64)
         low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
@@ -82,12 +84,7 @@ def to_rgb8(image: Image.Image) -> Image.Image:
             scale, offset = (255.0 / (high - low) if high > low else 0.0), low
         pixels = np.clip(np.rint((values - offset) * scale), 0, 255).astype(np.uint8)
         return Image.fromarray(pixels, mode="L").convert("RGB")
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else convert_image_to_rgb(image)
 
 
 def load_image(

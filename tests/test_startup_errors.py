@@ -33,6 +33,7 @@ BAD_SETTINGS = [
     ("optim.weight_decay=-0.1", "optim.weight_decay=-0.1 is out of range"),
     ("optim.betas=[0.9,1.0]", "optim.betas.1=1.0 is out of range; give a number >= 0 and < 1"),
     ("optim.betas=[x,0.9]", "optim.betas.0='x' is not a number"),
+    ("optim.betas=[0.9]", "optim.betas=[0.9]: give two numbers, [beta1, beta2]"),
     ("optim.eps=0", "optim.eps=0 is out of range"),
     ("optim.warmup_steps=-5", "optim.warmup_steps=-5 is out of range"),
     ("optim.max_grad_norm=-1", "optim.max_grad_norm=-1 is out of range"),

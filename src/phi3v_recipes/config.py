@@ -283,6 +283,8 @@ def validate(cfg: DictConfig, world: int | None = None) -> None:
         model.attn_implementation in ATTENTION,
         f"model.attn_implementation={model.attn_implementation}: choose one of {ATTENTION}.",
     )
+    betas = cfg.optim.betas
+    _require(OmegaConf.is_list(betas) and len(betas) == 2, f"optim.betas={betas}: give two numbers, [beta1, beta2].")
     check_settings(cfg)
     _require(cfg.data.on_error in ("raise", "skip"), f"data.on_error={cfg.data.on_error}: choose raise or skip.")
     _require(

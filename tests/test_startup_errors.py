@@ -42,6 +42,11 @@ BAD_SETTINGS = [
     ("eval.max_new_tokens=0", "eval.max_new_tokens=0 is out of range"),
     ("eval.batch_size=0", "eval.batch_size=0 is out of range"),
     ("eval.max_samples=0", "eval.max_samples=0 is out of range"),
+    ("task.train_size=lots", "task.train_size='lots' is not a whole number"),
+    ("task.eval_size=-1", "task.eval_size=-1 is out of range"),
+    ("task.seed=0.5", "task.seed=0.5 is not a whole number"),
+    ("task=nlvr2 task.eval_holdout=-5", "task.eval_holdout=-5 is out of range"),
+    ("task=nlvr2 task.num_images=0", "task.num_images=0 is out of range"),
     ("strategy.lora.rank=0", "strategy.lora.rank=0 is out of range"),
     ("strategy.lora.alpha=-2", "strategy.lora.alpha=-2 is out of range"),
     ("strategy.lora.dropout=1", "strategy.lora.dropout=1 is out of range"),
@@ -60,8 +65,10 @@ def test_every_numeric_setting_is_checked():
 def base_configs(tmp_path_factory):
     """The composed CPU configs (full and lora) that each case changes a copy of (composing per case is slow)."""
     run_dir = tmp_path_factory.mktemp("startup") / "run"
-    return {strategy: compose_config("hardware=cpu", f"strategy={strategy}", f"run.output_dir={run_dir}")
-            for strategy in ("full", "lora")}
+    configs = {strategy: compose_config("hardware=cpu", f"strategy={strategy}", f"run.output_dir={run_dir}")
+               for strategy in ("full", "lora")}
+    configs["nlvr2"] = compose_config("hardware=cpu", "task=nlvr2", f"run.output_dir={run_dir}")
+    return configs
 
 
 @pytest.mark.parametrize("overrides,words", BAD_SETTINGS, ids=[o for o, _ in BAD_SETTINGS])
@@ -69,8 +76,9 @@ def test_bad_numeric_settings_are_one_sentence(overrides, words, base_configs):
     """Each non-numeric, non-boolean or out-of-range value (and a run without training steps) is a ConfigError
     whose message names the setting and its value, and says what to give. Values are parsed as on the command
     line."""
-    cfg = copy.deepcopy(base_configs["lora" if overrides.startswith("strategy.lora") else "full"])
-    for override in OverridesParser.create().parse_overrides(overrides.split()):
+    base = "lora" if overrides.startswith("strategy.lora") else "nlvr2" if overrides.startswith("task=") else "full"
+    cfg = copy.deepcopy(base_configs[base])
+    for override in OverridesParser.create().parse_overrides(overrides.split()[base == "nlvr2":]):
         OmegaConf.update(cfg, override.key_or_group, override.value(), merge=False)
     with pytest.raises(ConfigError) as err:
         validate(cfg, world=1)

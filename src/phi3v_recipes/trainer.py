@@ -10,6 +10,7 @@
 Everything else is the stock `Trainer`.
 """
 
+import functools
 from typing import Any
 
 from omegaconf import DictConfig
@@ -22,3 +23,21 @@ class RecipeTrainer(Trainer):
     def __init__(self, *args: Any, recipe: DictConfig, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.recipe = recipe
+
+    # ------------------------------------------------------------------ adapter saves (branch `export`)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Checkpoints and the final model as the stock `Trainer` writes them, except that a LoRA adapter holds
+        the adapter weights only: peft would add the untouched base `lm_head` (hundreds of MB at real size)
+        because `lm_head` is a LoRA target (`save_embedding_layers="auto"`); the base it loads onto has it."""
+        from peft import PeftModel
+
+        model = self.model
+        if not isinstance(model, PeftModel):
+            super()._save(output_dir, state_dict)
+            return
+        model.save_pretrained = functools.partial(type(model).save_pretrained, model, save_embedding_layers=False)
+        try:
+            super()._save(output_dir, state_dict)
+        finally:
+            del model.save_pretrained

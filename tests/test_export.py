@@ -4,7 +4,6 @@ the adapters the runs save hold adapter weights only; a real-size config is writ
 
 import json
 import re
-import shutil
 
 import pytest
 import torch
@@ -172,12 +171,35 @@ def test_real_size_config_json_holds_every_official_key_and_value(tmp_path):
     assert again.rope_parameters == config.rope_parameters and again.dtype == torch.bfloat16
 
 
+def test_a_model_directory_is_exported_as_is_in_bf16(tmp_path):
+    """A model that is not an adapter (a full run's, or any model directory) is written as it is, in bf16 by
+    default: the same tensor names, each weight the bf16 rounding of the source's, reference code copied."""
+    base = official_base(tmp_path / "base", with_code=True)
+    out = run_cli([f"model.name_or_path={base}", f"output={tmp_path / 'export'}"], cwd=tmp_path,
+                  module="phi3v_recipes.export")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "model as is" in out.stdout and "max |logit|" not in out.stdout
+    source = Phi3VForCausalLM.from_pretrained(base).state_dict()
+    written = Phi3VForCausalLM.from_pretrained(tmp_path / "export", dtype="auto").state_dict()
+    assert written.keys() == source.keys()
+    for name, tensor in written.items():
+        assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, source[name].to(torch.bfloat16)), name
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert (tmp_path / "export" / "modeling_phi3_v.py").is_file()
+
+
 def test_export_refuses_a_non_empty_output(tmp_path):
-    """An output directory that already holds files stops the export with one sentence, nothing overwritten."""
+    """An output directory that already holds files stops the export with one sentence, before anything loads
+    or is overwritten."""
+    from hydra import compose, initialize_config_module
+
+    from phi3v_recipes.config import ConfigError
+    from phi3v_recipes.export import run
+
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
-    out = run_cli([f"model.name_or_path={tmp_path}", f"output={tmp_path / 'out'}"], cwd=tmp_path,
-                  module="phi3v_recipes.export")
-    assert out.returncode == 2 and "already exists and is not empty" in out.stderr
+    with initialize_config_module(config_module="phi3v_recipes.conf", version_base="1.3"):
+        cfg = compose(config_name="export", overrides=[f"model.name_or_path={tmp_path}", f"output={tmp_path / 'out'}"])
+    with pytest.raises(ConfigError, match="already exists and is not empty"):
+        run(cfg)
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
-    shutil.rmtree(tmp_path / "out")

@@ -123,7 +123,7 @@ def test_a_real_size_official_layout_passes_from_headers_alone(tmp_path):
         write_header_only_safetensors(tmp_path / file, {n: tuple(state[n].shape) for n in members})
     index = {"metadata": {}, "weight_map": {n: f for f, members in shards.items() for n in members}}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
-    build_tiny_processor().tokenizer.save_pretrained(tmp_path)
+    build_tiny_processor().save_pretrained(tmp_path)
     preprocessor = official_preprocessor_config()
     preprocessor["auto_map"] = {k: f"{REPO}--{v}" for k, v in preprocessor["auto_map"].items()}
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(preprocessor))

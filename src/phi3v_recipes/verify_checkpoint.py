@@ -15,7 +15,8 @@ in seconds. The requirements (see docs/export.md):
                           `quantization_config`) traces
     auto_map              every entry of config.json and preprocessor_config.json resolves: `<module>.py` beside
                           the weights defining the class, or a `<repo id>--<module>.<Class>` hub reference
-    processor files       preprocessor_config.json with the official fields; tokenizer files; a chat template
+    processor files       preprocessor_config.json with the official fields; tokenizer files with a
+                          tokenizer_class transformers 4 knows; a chat template
     image token           with the official vocabulary, the tokenizer maps `<|image|>` to 32044 (vLLM's id)
 
 `--any-size` checks a model of another size (e.g. the tiny test model) against its own `vision_config` instead of
@@ -45,8 +46,7 @@ LEFTOVER = re.compile(r"(lora_[AB]|lora_embedding|lora_magnitude|\.base_layer\.|
                       r"nested_|\.SCB$|weight_format|modules_to_save|original_module)")
 PREPROCESSOR_FIELDS = ("processor_class", "image_processor_type", "num_crops", "num_img_tokens", "image_mean",
                        "image_std", "do_convert_rgb", "auto_map")
-SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                           "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+TRANSFORMERS_5_ONLY_TOKENIZERS = ("TokenizersBackend",)  # unknown to the transformers 4 of the reference code
 
 
 @dataclass
@@ -220,8 +220,11 @@ def _check_processor(directory: Path, config: dict[str, Any], preprocessor: dict
     tokenizer_config = _read_json(directory / "tokenizer_config.json")
     if tokenizer_config is None:
         problems.append("tokenizer_config.json is missing")
-    elif not tokenizer_config.get("chat_template") and not (directory / "chat_template.jinja").is_file():
-        problems.append("no chat template (tokenizer_config.json chat_template or chat_template.jinja)")
+    else:
+        if not tokenizer_config.get("chat_template") and not (directory / "chat_template.jinja").is_file():
+            problems.append("no chat template (tokenizer_config.json chat_template or chat_template.jinja)")
+        if tokenizer_config.get("tokenizer_class") in TRANSFORMERS_5_ONLY_TOKENIZERS:
+            problems.append(f"tokenizer_class {tokenizer_config['tokenizer_class']!r} exists in transformers 5 only")
     if problems:
         return Check(name, False, "; ".join(problems))
     return Check(name, True, f"Phi3VProcessor, num_crops {preprocessor['num_crops']}, num_img_tokens {tokens}")

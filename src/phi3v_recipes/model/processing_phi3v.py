@@ -165,7 +165,7 @@ class Phi3VProcessor(ProcessorMixin):
         """Save the processor in the official layout: `preprocessor_config.json` with the official fields
         (`processor_class`, `image_processor_type`, `auto_map`, `num_crops`, `num_img_tokens`, `image_mean`,
         `image_std`, `do_convert_rgb`), the tokenizer files with the chat template inside `tokenizer_config.json`
-        (and as `chat_template.jinja`). No `processor_config.json`: the official repositories have none, and the
+        (and as `chat_template.jinja`), under a `tokenizer_class` that transformers 4 knows. No `processor_config.json`: the official repositories have none, and the
         reference processor of transformers 4 cannot take transformers 5's nested one.
 
         The `auto_map` entries resolve as the model's do (see `remote_code`): reference `*.py` files copied from
@@ -191,9 +191,14 @@ class Phi3VProcessor(ProcessorMixin):
             json.dumps(dict(sorted(preprocessor.items())), indent=2) + "\n", encoding="utf-8"
         )
         tokenizer_config = save_directory / "tokenizer_config.json"
-        if tokenizer_config.is_file() and self.chat_template:
+        if tokenizer_config.is_file():
             fields = json.loads(tokenizer_config.read_text(encoding="utf-8"))
-            fields.setdefault("chat_template", self.chat_template)
+            if self.chat_template:
+                fields.setdefault("chat_template", self.chat_template)
+            if fields.get("tokenizer_class") == "TokenizersBackend":
+                # transformers 5's name of a plain fast tokenizer; transformers 4 (the reference code's, and many
+                # vLLM installs') knows the same class as PreTrainedTokenizerFast, and 5 reads that name too.
+                fields["tokenizer_class"] = "PreTrainedTokenizerFast"
             tokenizer_config.write_text(json.dumps(fields, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         return [str(f) for f in files if Path(f).name != "processor_config.json"] + [
             str(save_directory / "preprocessor_config.json")

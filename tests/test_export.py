@@ -103,7 +103,7 @@ def test_lora_export_has_the_official_files_names_and_values(lora_export):
     base, run_dir, out, stdout = lora_export
     config, official = (json.loads((d / "config.json").read_text()) for d in (out, base))
     for key in OFFICIAL_KEYS:
-        if key not in ("transformers_version", "_name_or_path"):
+        if key != "transformers_version":
             assert config[key] == official[key], key
     assert tensor_names(out) == tensor_names(base)
     preprocessor = json.loads((out / "preprocessor_config.json").read_text())
@@ -186,6 +186,24 @@ def test_a_model_directory_is_exported_as_is_in_bf16(tmp_path):
         assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, source[name].to(torch.bfloat16)), name
     assert json.loads((tmp_path / "export" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert (tmp_path / "export" / "modeling_phi3_v.py").is_file()
+
+
+def test_config_json_of_either_layout_reads_back_the_same(tmp_path):
+    """Our from_pretrained reads the official layout we write (rope_scaling `su`) and transformers 5's
+    (`rope_parameters`, `dtype`) of directories saved before, to the same configuration."""
+    from transformers import Phi3Config
+
+    config = Phi3VConfig(**{**OFFICIAL_CONFIG, "_attn_implementation": "eager"})
+    official, transformers5 = tmp_path / "official", tmp_path / "transformers5"
+    config.save_pretrained(official)
+    transformers5.mkdir()
+    (transformers5 / "config.json").write_text(json.dumps(Phi3Config.to_dict(config), default=str))
+    assert "rope_parameters" in json.loads((transformers5 / "config.json").read_text())
+    for directory in (official, transformers5):
+        again = Phi3VConfig.from_pretrained(directory)
+        assert again.rope_parameters == config.rope_parameters, directory.name
+        assert (again.dtype, again.img_processor, again.embd_layer) == (torch.bfloat16, config.img_processor,
+                                                                         config.embd_layer)
 
 
 def test_export_refuses_a_non_empty_output(tmp_path):

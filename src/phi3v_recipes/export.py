@@ -15,6 +15,7 @@ reports the max |logit| difference between the merged model and the adapter mode
 data (its `config.yaml` says which task); `python -m phi3v_recipes.verify_checkpoint <dir>` then checks the result.
 """
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,12 @@ def load_source(cfg: DictConfig, source: str, base: str | None, run: DictConfig 
             model = AutoModelForCausalLM.from_pretrained(base, **kwargs).to(cfg.device)
             kind = f"LoRA adapter merged into {base} ({cfg.model.dtype})"
         else:
+            try:
+                import bitsandbytes  # noqa: F401
+            except Exception as err:  # noqa: BLE001 - any failure means 4-bit cannot load here
+                raise ConfigError(f"{source} is a QLoRA run: its base loads in 4-bit through bitsandbytes, which "
+                                  f"cannot run here ({type(err).__name__}: {err}); pip install "
+                                  "'phi3v-recipes[qlora]'.") from None
             compute = quant.bnb_4bit_compute_dtype
             kwargs.update(dtype=compute, quantization_config=quant, device_map={"": torch.device(cfg.device)})
             model = dequantize_4bit(AutoModelForCausalLM.from_pretrained(base, **kwargs), compute)
@@ -120,6 +127,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from phi3v_recipes.model import Phi3VProcessor
     from phi3v_recipes.model.remote_code import hub_repo_id
 
+    if OmegaConf.is_missing(cfg, "output") or not cfg.output:
+        raise ConfigError("output is required: the directory to write the checkpoint to (output=<dir>).")
     source, output = str(cfg.model.name_or_path), Path(cfg.output)
     if source == TINY:
         raise ConfigError("model.name_or_path=tiny is an untrained random model; point it at a run directory or a "
@@ -157,6 +166,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     code_dir = base or source
     run_base = None if run_cfg is None else str(run_cfg.model.name_or_path)
     repo = cfg.base_repo or hub_repo_id(base) or hub_repo_id(run_base) or hub_repo_id(source)
+    # `_name_or_path` as the base's own config.json records it (the official files: the model's name), not the
+    # local path it was loaded from.
+    recorded = Path(code_dir) / "config.json"
+    if recorded.is_file():
+        model.config._name_or_path = json.loads(recorded.read_text()).get("_name_or_path", model.config._name_or_path)
     model = model.to(getattr(torch, cfg.dtype))
     model.config.dtype = getattr(torch, cfg.dtype)
     model.save_pretrained(output, max_shard_size=cfg.max_shard_size, reference_code=code_dir, reference_repo=repo)
@@ -168,8 +182,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 def summary(result: dict[str, Any], output: Path) -> str:
-    import json
-
     shards = sorted(output.glob("*.safetensors"))
     size = sum(p.stat().st_size for p in shards)
     auto_map = json.loads((output / "config.json").read_text()).get("auto_map")

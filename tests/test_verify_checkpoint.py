@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from phi3v_recipes.model import Phi3VConfig, Phi3VForCausalLM
 from phi3v_recipes.model.tiny import TINY_NUM_IMG_TOKENS, build_tiny_processor, tiny_model_config
-from phi3v_recipes.verify_checkpoint import verify
+from phi3v_recipes.verify_checkpoint import main, verify
 from tests.conftest import official_preprocessor_config, run_cli
 from tests.test_modeling import OFFICIAL_CONFIG
 
@@ -79,7 +79,7 @@ def test_a_broken_copy_fails_naming_the_requirement(saved, tmp_path, breakage, r
     assert requirement in failures and named in failures[requirement], failures
 
 
-def test_the_command_prints_one_line_per_requirement_and_exits_1_on_failure(saved, tmp_path):
+def test_the_command_prints_one_line_per_requirement_and_exits_1_on_failure(saved, tmp_path, capsys):
     """`python -m phi3v_recipes.verify_checkpoint <dir> --any-size` prints PASS/FAIL per requirement and exits 1
     when one fails; a path that is not a directory exits 2 with one sentence."""
     out = run_cli([str(broken_copy(saved, tmp_path, "rope_scaling removed")), "--any-size"], cwd=tmp_path,
@@ -87,8 +87,8 @@ def test_the_command_prints_one_line_per_requirement_and_exits_1_on_failure(save
     assert out.returncode == 1, out.stdout + out.stderr
     assert "FAIL  rope_scaling: absent from config.json" in out.stdout and "PASS  tensor names" in out.stdout
     assert "failed: rope_scaling" in out.stdout
-    missing = run_cli([str(tmp_path / "nowhere")], cwd=tmp_path, module="phi3v_recipes.verify_checkpoint")
-    assert missing.returncode == 2 and "is not a directory" in missing.stderr
+    assert main([str(tmp_path / "nowhere")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
 
 
 def write_header_only_safetensors(path, tensors: dict[str, tuple[int, ...]]) -> None:

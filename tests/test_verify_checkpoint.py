@@ -7,9 +7,11 @@ import struct
 
 import pytest
 import torch
+from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import load_file, save_file
 
 from phi3v_recipes.model import Phi3VConfig, Phi3VForCausalLM
+from phi3v_recipes.model.modeling_phi3v import OFFICIAL_MAX_SHARD_SIZE
 from phi3v_recipes.model.tiny import TINY_NUM_IMG_TOKENS, build_tiny_processor, tiny_model_config
 from phi3v_recipes.verify_checkpoint import main, verify
 from tests.conftest import official_preprocessor_config, run_cli
@@ -107,8 +109,9 @@ def write_header_only_safetensors(path, tensors: dict[str, tuple[int, ...]]) -> 
 
 def test_a_real_size_official_layout_passes_from_headers_alone(tmp_path):
     """The official Phi-3.5-vision config.json as our config writes it, with the official tensor names and
-    shapes of our real-size model (meta device) in two bf16 shards and an index, and the official processor
-    files, meets every requirement without --any-size; dropping a shard fails the tensor names."""
+    shapes of our real-size model (meta device) in bf16 shards split at our default shard size (the official two
+    files, 8,293,242,880 bytes) and an index, and the official processor files, meets every requirement without
+    --any-size; dropping a shard fails the tensor names."""
     config = Phi3VConfig(**OFFICIAL_CONFIG)
     with torch.device("meta"):
         state = Phi3VForCausalLM(config).state_dict()
@@ -116,12 +119,16 @@ def test_a_real_size_official_layout_passes_from_headers_alone(tmp_path):
     config_json = json.loads((tmp_path / "config.json").read_text())
     config_json["auto_map"] = {k: f"{REPO}--{v}" for k, v in config_json["auto_map"].items()}
     (tmp_path / "config.json").write_text(json.dumps(config_json))
-    names = list(state)
-    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
-              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    # Sharded as our save_pretrained shards (transformers' splitter, our default size): the official two files.
+    split = split_torch_state_dict_into_shards({n: t.to(torch.bfloat16) for n, t in state.items()},
+                                               filename_pattern="model{suffix}.safetensors",
+                                               max_shard_size=OFFICIAL_MAX_SHARD_SIZE)
+    shards = split.filename_to_tensors
+    assert list(shards) == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert split.metadata["total_size"] == 8_293_242_880  # the official checkpoint's bytes
     for file, members in shards.items():
         write_header_only_safetensors(tmp_path / file, {n: tuple(state[n].shape) for n in members})
-    index = {"metadata": {}, "weight_map": {n: f for f, members in shards.items() for n in members}}
+    index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     build_tiny_processor().save_pretrained(tmp_path)
     preprocessor = official_preprocessor_config()

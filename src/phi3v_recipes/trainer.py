@@ -6,15 +6,16 @@
 - problem samples: a batch reports samples that failed while training (`skipped` under data.on_error=skip, listed
   in `skipped.txt`; `error` under raise, which stops the run with its sentence) before the model sees it;
 - every optimizer step ends in one check shared by all ranks (`_guard_step`): a non-finite loss or gradient norm
-  stops the run before anything is saved (`Diverged`); a stop signal (`preemption.py`) makes every rank save a
+  stops the run before anything is saved; a stop signal (`preemption.py`) makes every rank save a
   checkpoint at that same step and stop; the step's loss, averaged over ranks, is recorded exactly;
 - checkpoints are atomic (`_save_checkpoint`): written under `.checkpoint-staging/`, flushed to disk and renamed
   to `checkpoint-N` when complete; older ones are rotated out only after that. A failed write stops the run and
-  keeps the previous checkpoint.
+  keeps the previous checkpoint. A LoRA adapter is saved without the untouched base weights (`_save`).
 
 Everything else is the stock `Trainer`.
 """
 
+import functools
 import json
 import logging
 import math
@@ -181,6 +182,26 @@ class RecipeTrainer(Trainer):
             rotate_checkpoints(str(self.run_dir), save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
             log.info("saved %s", final)
+
+
+    # ---- adapter saves ----------------------------------------------------------------------------------------
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Checkpoints and the final model as the stock `Trainer` writes them, except that a LoRA adapter holds
+        the adapter weights only: peft would add the untouched base `lm_head` because `lm_head` is a LoRA target
+        (`save_embedding_layers="auto"`), about 200 MB per save at real size in bf16; the base the adapter loads
+        onto has it."""
+        from peft import PeftModel
+
+        model = self.model
+        if not isinstance(model, PeftModel):
+            super()._save(output_dir, state_dict)
+            return
+        model.save_pretrained = functools.partial(type(model).save_pretrained, model, save_embedding_layers=False)
+        try:
+            super()._save(output_dir, state_dict)
+        finally:
+            del model.save_pretrained
 
 
 def _fsync_tree(root: Path) -> None:

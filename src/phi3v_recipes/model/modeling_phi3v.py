@@ -13,6 +13,9 @@ them); the model looks the embedding up at `max(id, 0)` on a copy and overwrites
 features, so the caller's tensor is never modified.
 """
 
+import os
+from typing import Any
+
 import torch
 from torch import nn
 from transformers import CLIPVisionConfig
@@ -28,6 +31,11 @@ from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 
 from phi3v_recipes.model.configuration_phi3v import Phi3VConfig
+from phi3v_recipes.model.remote_code import CONFIG_AUTO_MAP, resolve_auto_map
+
+# The shard size of the official checkpoints (transformers 4's default): two safetensors files and an index for
+# the 8.3 GB bf16 Phi-3.5-vision; one file, no index, for anything under 5 GB.
+OFFICIAL_MAX_SHARD_SIZE = "5GB"
 
 
 class Phi3VCLIPTransformer(nn.Module):
@@ -170,6 +178,37 @@ class Phi3VPreTrainedModel(Phi3PreTrainedModel):
             if isinstance(module, Phi3VImageEmbedding):
                 module.freeze_unused()
         return loaded
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *args: Any,
+        max_shard_size: int | str = OFFICIAL_MAX_SHARD_SIZE,
+        reference_code: str | os.PathLike | None = None,
+        reference_repo: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Save in the official layout: `config.json` as the official one (see `Phi3VConfig.to_dict`), the
+        official tensor names in safetensors shards of at most `max_shard_size` with an index when there is more
+        than one, and an `auto_map` whose entries resolve (see `remote_code`): the reference `*.py` files of
+        `reference_code` (default: the directory this model was loaded from) are copied beside the weights, or
+        the entries point at the hub repository `reference_repo` (default: the hub id it was loaded from)."""
+        config = self.config
+        had_map, saved_map = hasattr(config, "auto_map"), getattr(config, "auto_map", None)
+        source = reference_code if reference_code is not None else getattr(config, "_name_or_path", None)
+        if kwargs.get("is_main_process", True):
+            resolved = resolve_auto_map(saved_map or CONFIG_AUTO_MAP, save_directory, source, reference_repo)
+            if resolved:
+                config.auto_map = resolved
+            elif had_map:
+                del config.auto_map
+        try:
+            super().save_pretrained(save_directory, *args, max_shard_size=max_shard_size, **kwargs)
+        finally:
+            if had_map:
+                config.auto_map = saved_map
+            elif hasattr(config, "auto_map"):
+                del config.auto_map
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)

@@ -20,7 +20,7 @@ from phi3v_recipes.data.batching import (
     padding_fraction,
     row_fill,
 )
-from phi3v_recipes.data.collate import PackingCollator, PaddingCollator
+from phi3v_recipes.data.collate import PackingCollator, PaddingCollator, build_collator
 from phi3v_recipes.data.encode import encode_sample
 from phi3v_recipes.data.lengths import sample_length
 from phi3v_recipes.data.sample import Sample, Turn
@@ -155,7 +155,8 @@ def test_packed_row_is_attended_per_sample_even_with_the_default_cache(model, pr
 def test_collators_keep_the_batch_contract(processor, samples):
     """Both collators: an error feature makes the batch exactly {"error": ...}; `skipped` lists are concatenated
     (key absent when empty). The packing collator restarts position ids per sample, masks each sample's first
-    label, and with flash_kwargs gives the varlen boundaries."""
+    label, and with flash_kwargs gives the varlen boundaries; `build_collator` picks the collator data.packing
+    asks for and rejects a token budget below 1."""
     encoded = [encode_sample(s, processor) for s in samples["single"][:2] + samples["text"][:1]]
     for collate in (PaddingCollator(processor.tokenizer.pad_token_id), PackingCollator(flash_kwargs=True)):
         assert collate([encoded[0], {"error": "a.jsonl:3 (id x): gone"}]) == {"error": "a.jsonl:3 (id x): gone"}
@@ -170,6 +171,11 @@ def test_collators_keep_the_batch_contract(processor, samples):
     assert (batch["labels"][0, starts[:-1]] == -100).all()
     assert batch["cu_seq_lens_q"].tolist() == starts.tolist() and batch["max_length_q"] == max(lengths)
     assert batch["pixel_values"].shape[0] == 2  # the two single-image samples, in row order
+    assert isinstance(build_collator({"packing": True, "max_tokens_per_row": 64}, 0, "sdpa"), PackingCollator)
+    assert build_collator({"packing": True, "max_tokens_per_row": 64}, 0, "flash_attention_2").flash_kwargs
+    assert isinstance(build_collator({"packing": False}, 0, "sdpa"), PaddingCollator)
+    with pytest.raises(ConfigError, match="data.max_tokens_per_row=0"):
+        build_collator({"packing": True, "max_tokens_per_row": 0}, 0, "sdpa")
 
 
 def test_packer_and_samplers_cover_every_sample_once_per_epoch_deterministically():
@@ -231,3 +237,34 @@ def test_packed_demo_trains_and_resumes_mid_epoch_at_the_right_sample(tmp_path):
     assert sorted(after) == list(range(1, 11))
     for step in range(7, 11):
         assert after[step] == pytest.approx(full[step], rel=1e-6), step
+
+
+def test_trainer_builds_length_grouped_and_packed_loaders(processor, samples, model, tmp_path):
+    """RecipeTrainer's train loader follows the config: data.group_by_length gives padded batches of the
+    length-grouped plan, data.packing one packed row per micro-batch; each covers every sample once per epoch."""
+    from omegaconf import OmegaConf
+    from transformers import TrainingArguments
+
+    from phi3v_recipes.train import EncodedDataset
+    from phi3v_recipes.trainer import RecipeTrainer
+
+    group = [s for g in samples.values() for s in g] * 2
+    dataset = EncodedDataset(group, processor, None)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, use_cpu=True, report_to=[],
+                             seed=5, remove_unused_columns=False)
+    lengths = [sample_length(s, processor) for s in group]
+    for data, collate in [
+        (dict(packing=False, group_by_length=True, length_group_batches=2), PaddingCollator(0)),
+        (dict(packing=True, max_tokens_per_row=700, group_by_length=False), PackingCollator()),
+    ]:
+        trainer = RecipeTrainer(recipe=OmegaConf.create({"data": data}), model=model, args=args,
+                                train_dataset=dataset, data_collator=collate)
+        batches = list(trainer.get_train_dataloader())
+        if data["packing"]:
+            plan = PackedBatchSampler(lengths, 700, rows_per_batch=2, seed=5).batches(0)
+            assert all(b["input_ids"].shape[0] == 1 and "position_ids" in b for b in batches)
+        else:
+            plan = LengthGroupedBatchSampler(lengths, 2, seed=5, group_batches=2).batches(0)
+        assert sorted(i for b in plan for i in b) == list(range(len(group)))
+        assert [b["input_ids"].numel() if data["packing"] else b["attention_mask"].sum() for b in batches] == [
+            sum(lengths[i] for i in b) for b in plan]

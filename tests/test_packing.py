@@ -131,10 +131,13 @@ def test_supervised_only_logits_give_the_same_loss_and_gradients(model, processo
         model.train()
 
 
-def test_packed_row_is_attended_per_sample_even_with_the_default_cache(model, processor, samples):
-    """Each sample of a packed row gets exactly the logits it gets alone, also when the caller does not disable the
-    cache (transformers would otherwise let samples attend to each other)."""
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_row_is_attended_per_sample_even_with_the_default_cache(attn, processor, samples):
+    """Each sample of a packed row gets exactly the logits it gets alone, with eager and sdpa attention, also when the
+    caller does not disable the cache (transformers would otherwise let samples attend to each other)."""
     encoded = [encode_sample(s, processor) for s in samples["single"][:1] + samples["text"] + samples["multi"][:1]]
+    torch.manual_seed(0)
+    model = Phi3VForCausalLM._from_config(tiny_model_config(), attn_implementation=attn)
     model.eval()
     try:
         with torch.no_grad():
@@ -220,10 +223,11 @@ def _losses(run_dir) -> dict[int, float]:
 
 @pytest.mark.slow
 def test_packed_demo_trains_and_resumes_mid_epoch_at_the_right_sample(tmp_path):
-    """`python -m phi3v_recipes data.packing=true` trains the demo on packed rows (loss falls); resuming from a
+    """`python -m phi3v_recipes data.packing=true` trains the demo on packed rows (with activation checkpointing;
+    the loss falls); resuming from a
     checkpoint in the middle of the second epoch replays exactly the losses of the uninterrupted run, so the
     packed sampler resumed at the right rows."""
-    common = [*SMALL_DEMO, "data.packing=true", "data.max_tokens_per_row=640", "train.batch_size=1",
+    common = [*SMALL_DEMO, "data.packing=true", "train.gradient_checkpointing=true", "data.max_tokens_per_row=640", "train.batch_size=1",
               "train.global_batch_size=2", "train.save_steps=3", "train.save_total_limit=10", "eval.before=false",
               "eval.after=false"]
     out = run_cli([*common, f"run.output_dir={tmp_path / 'a'}"], cwd=tmp_path)

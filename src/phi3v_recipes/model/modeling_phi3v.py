@@ -376,9 +376,10 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):
         hidden, targets = hidden_states[keep], shift_labels[keep]
         reduction = "sum" if num_items_in_batch is not None else "mean"
         fused = _liger_fused_linear_cross_entropy() if hidden.is_cuda and type(self.lm_head) is nn.Linear else None
-        if fused is not None:
-            loss = fused(hidden, self.lm_head.weight, targets, ignore_index=ignore_index, reduction=reduction)
-            loss = loss[0] if isinstance(loss, tuple) else loss
+        if fused is not None:  # the head's matmul and the cross-entropy in chunks, never all logits at once
+            weight = self.lm_head.weight.to(hidden.dtype)  # e.g. fp32 master weights under bf16 autocast
+            loss = fused(hidden, weight, targets, ignore_index=ignore_index, reduction=reduction)
+            loss = loss[0] if isinstance(loss, tuple) else getattr(loss, "loss", loss)
         else:
             logits = self.lm_head(hidden).float()
             loss = nn.functional.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction)

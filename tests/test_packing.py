@@ -273,3 +273,33 @@ def test_trainer_builds_length_grouped_and_packed_loaders(processor, samples, mo
         assert sorted(i for b in plan for i in b) == list(range(len(group)))
         assert [b["input_ids"].numel() if data["packing"] else b["attention_mask"].sum() for b in batches] == [
             sum(lengths[i] for i in b) for b in plan]
+
+
+def test_trainer_loss_of_a_packed_step_is_the_mean_over_its_supervised_tokens(processor, samples, tmp_path):
+    """Through RecipeTrainer (packed rows, 2 gradient-accumulation micro-steps): the logged loss of the first
+    optimizer step equals the plain padded-batch loss of the same samples, the mean over all their supervised
+    tokens (the Trainer's num_items_in_batch reaches the model)."""
+    from omegaconf import OmegaConf
+    from transformers import TrainingArguments
+
+    from phi3v_recipes.train import EncodedDataset
+    from phi3v_recipes.trainer import RecipeTrainer
+
+    group = [s for g in samples.values() for s in g] * 2
+    torch.manual_seed(0)
+    net = Phi3VForCausalLM._from_config(tiny_model_config(), attn_implementation="sdpa")
+    set_supervised_logits(net, True)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=1, gradient_accumulation_steps=2,
+                             max_steps=1, logging_steps=1, learning_rate=0.0, save_strategy="no", use_cpu=True,
+                             report_to=[], seed=5, remove_unused_columns=False, disable_tqdm=True)
+    trainer = RecipeTrainer(recipe=OmegaConf.create({"data": {"packing": True, "max_tokens_per_row": 700}}),
+                            model=net, args=args, train_dataset=EncodedDataset(group, processor, None),
+                            data_collator=PackingCollator())
+    trainer.train()
+    logged = trainer.state.log_history[0]["loss"]
+    lengths = [sample_length(s, processor) for s in group]
+    first_step = [i for row in PackedBatchSampler(lengths, 700, seed=5).batches(0)[:2] for i in row]
+    batch = PaddingCollator(processor.tokenizer.pad_token_id)([encode_sample(group[i], processor) for i in first_step])
+    with torch.no_grad():
+        expected = net.eval()(**batch).loss.item()
+    assert logged == pytest.approx(expected, rel=1e-5)

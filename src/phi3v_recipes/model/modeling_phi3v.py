@@ -195,6 +195,11 @@ class Phi3VPreTrainedModel(Phi3PreTrainedModel):
             init.copy_(module.position_ids, torch.arange(module.num_positions).expand((1, -1)))
 
 
+def is_packed(position_ids: torch.Tensor | None) -> bool:
+    """True when `position_ids` restart inside a row: several samples packed end to end."""
+    return position_ids is not None and position_ids.shape[-1] > 1 and bool((position_ids[..., 1:] == 0).any())
+
+
 class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
     """Phi-3 decoder whose input embeddings carry image features at the image positions."""
 
@@ -260,11 +265,6 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
             use_cache=use_cache,
             **kwargs,
         )
-
-
-def is_packed(position_ids: torch.Tensor | None) -> bool:
-    """True when `position_ids` restart inside a row: several samples packed end to end."""
-    return position_ids is not None and position_ids.shape[-1] > 1 and bool((position_ids[..., 1:] == 0).any())
 
 
 def _liger_fused_linear_cross_entropy():

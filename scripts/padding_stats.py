@@ -4,6 +4,7 @@ for the demo task and a synthetic DocVQA-shaped mix (page sizes only, real Phi-3
     OMP_NUM_THREADS=1 .venv/bin/python scripts/padding_stats.py      (figures in docs/batching.md)
 """
 import numpy as np
+from PIL import Image
 
 from phi3v_recipes.data.batching import (
     LengthGroupedBatchSampler,
@@ -17,17 +18,9 @@ from phi3v_recipes.data.sample import Sample, Turn
 from phi3v_recipes.model.tiny import build_tiny_processor
 
 
-class Page:
-    """An image known by its header size only (lengths never decode it)."""
-
-    def __init__(self, w: int, h: int):
-        self.w, self.h = w, h
-
-    def header_size(self) -> tuple[int, int]:
-        return (self.w, self.h)
-
-    def __call__(self):
-        raise RuntimeError("never decoded")
+def page(w: int, h: int) -> Image.Image:
+    """A page-sized image at 1 bit per pixel (only its size matters here)."""
+    return Image.new("1", (w, h))
 
 
 def report(name: str, lengths: list[int], bs: int, budget: int) -> None:
@@ -55,5 +48,5 @@ for i in range(2000):
     h = int(w * rng.uniform(0.75, 1.6))
     q = " ".join(rng.choice(words, int(rng.integers(5, 16))))
     a = " ".join(rng.choice(words, int(rng.integers(1, 6))))
-    docs.append(Sample(f"d{i}", [Turn(q + "\nAnswer briefly.", a, (Page(w, h),))]))
+    docs.append(Sample(f"d{i}", [Turn(q + "\nAnswer briefly.", a, (page(w, h),))]))
 report("DocVQA-shaped (num_crops 16, 144 tokens/crop)", sample_lengths(docs, proc), 4, 16384)

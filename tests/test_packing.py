@@ -4,13 +4,15 @@ Tolerances: fp32 on CPU; packed and unpacked runs sum the same terms in a differ
 gradients agree to float rounding (measured max |diff| ~1e-7); the tests allow atol 1e-6, rtol 1e-5.
 """
 
+import inspect
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import ExifTags, Image
 
 from phi3v_recipes.config import ConfigError
 from phi3v_recipes.data.batching import (
@@ -81,7 +83,8 @@ def assert_same(a, b):
 
 def test_header_lengths_equal_encoded_lengths_without_decoding_pixels(processor, samples, tmp_path):
     """`sample_length` equals the encoded sample's length for single-image, multi-image, multi-turn and text-only
-    samples, and needs only image headers: a PNG whose pixel data is cut off still has its length computed."""
+    samples, and needs only image headers: a PNG whose pixel data is cut off still has its length computed; an
+    EXIF-rotated photo counts as upright."""
     for group in samples.values():
         for sample in group:
             assert sample_length(sample, processor) == len(encode_sample(sample, processor)["input_ids"])
@@ -91,6 +94,14 @@ def test_header_lengths_equal_encoded_lengths_without_decoding_pixels(processor,
     expected = len(encode_sample(full, processor)["input_ids"])
     path.write_bytes(path.read_bytes()[:64])  # header only: decoding the pixels would fail
     assert sample_length(full, processor) == expected
+    # EXIF orientation 6 (turned 90 degrees): counted as the upright image that training reads
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6
+    Image.new("RGB", (900, 300)).save(tmp_path / "turned.jpg", exif=exif)
+    Image.new("RGB", (300, 900)).save(tmp_path / "upright.jpg")
+    turned, upright = (Sample(n, [Turn("Read it.", "No.", (str(tmp_path / f"{n}.jpg"),))]) for n in ("turned", "upright"))
+    assert sample_length(turned, processor) == sample_length(upright, processor) != sample_length(
+        Sample("w", [Turn("Read it.", "No.", (Image.new("RGB", (900, 300)),))]), processor)
 
 
 @pytest.mark.parametrize("mix", ["single", "multi", "text", "all"])
@@ -217,6 +228,15 @@ def test_length_grouping_reduces_padding():
     assert padding_fraction(grouped, lengths) < 0.3 * padding_fraction(random_batches, lengths)
 
 
+def recipe_trainer(**kwargs):
+    """A RecipeTrainer; its run directory (where the constructor asks for one) is the arguments' output_dir."""
+    from phi3v_recipes.trainer import RecipeTrainer
+
+    if "run_dir" in inspect.signature(RecipeTrainer.__init__).parameters:
+        kwargs.setdefault("run_dir", Path(kwargs["args"].output_dir))
+    return RecipeTrainer(**kwargs)
+
+
 def _losses(run_dir) -> dict[int, float]:
     state = max(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])) / "trainer_state.json"
     return {e["step"]: e["loss"] for e in json.loads(state.read_text())["log_history"] if "loss" in e}
@@ -251,7 +271,6 @@ def test_trainer_builds_length_grouped_and_packed_loaders(processor, samples, mo
     from transformers import TrainingArguments
 
     from phi3v_recipes.train import EncodedDataset
-    from phi3v_recipes.trainer import RecipeTrainer
 
     group = [s for g in samples.values() for s in g] * 2
     dataset = EncodedDataset(group, processor, None)
@@ -262,8 +281,8 @@ def test_trainer_builds_length_grouped_and_packed_loaders(processor, samples, mo
         (dict(packing=False, group_by_length=True, length_group_batches=2), PaddingCollator(0)),
         (dict(packing=True, max_tokens_per_row=700, group_by_length=False), PackingCollator()),
     ]:
-        trainer = RecipeTrainer(recipe=OmegaConf.create({"data": data}), model=model, args=args,
-                                train_dataset=dataset, data_collator=collate)
+        trainer = recipe_trainer(recipe=OmegaConf.create({"data": data}), model=model, args=args,
+                                 train_dataset=dataset, data_collator=collate)
         batches = list(trainer.get_train_dataloader())
         if data["packing"]:
             plan = PackedBatchSampler(lengths, 700, rows_per_batch=2, seed=5).batches(0)
@@ -283,7 +302,6 @@ def test_trainer_loss_of_a_packed_step_is_the_mean_over_its_supervised_tokens(pr
     from transformers import TrainingArguments
 
     from phi3v_recipes.train import EncodedDataset
-    from phi3v_recipes.trainer import RecipeTrainer
 
     group = [s for g in samples.values() for s in g] * 2
     torch.manual_seed(0)
@@ -292,9 +310,9 @@ def test_trainer_loss_of_a_packed_step_is_the_mean_over_its_supervised_tokens(pr
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=1, gradient_accumulation_steps=2,
                              max_steps=1, logging_steps=1, learning_rate=0.0, save_strategy="no", use_cpu=True,
                              report_to=[], seed=5, remove_unused_columns=False, disable_tqdm=True)
-    trainer = RecipeTrainer(recipe=OmegaConf.create({"data": {"packing": True, "max_tokens_per_row": 700}}),
-                            model=net, args=args, train_dataset=EncodedDataset(group, processor, None),
-                            data_collator=PackingCollator())
+    trainer = recipe_trainer(recipe=OmegaConf.create({"data": {"packing": True, "max_tokens_per_row": 700}}),
+                             model=net, args=args, train_dataset=EncodedDataset(group, processor, None),
+                             data_collator=PackingCollator())
     trainer.train()
     logged = trainer.state.log_history[0]["loss"]
     lengths = [sample_length(s, processor) for s in group]

@@ -45,7 +45,6 @@ the same one every epoch). `task.per_document: all` trains on every question of 
 epoch then takes as many steps as the dataset has questions, several per document).
 """
 
-import io
 import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -73,17 +72,12 @@ class DatasetImage:
     def __init__(self, table: datasets.Dataset, column: str, row: int, index: int | None, label: str):
         self.table, self.column, self.row, self.index, self.label = table, column, row, index, label
 
-    def _stored(self) -> dict:
-        """The stored image ({"bytes", "path"}); OSError when the row holds none."""
+    def __call__(self) -> Image.Image:
         value = self.table[self.row][self.column][0].as_py()
         if self.index is not None:
             value = value[self.index] if value is not None and self.index < len(value) else None
         if not value or (value.get("bytes") is None and not value.get("path")):
             raise OSError("the row holds no data for this image")
-        return value
-
-    def __call__(self) -> Image.Image:
-        value = self._stored()
         try:
             return datasets.Image().decode_example(value)
         except (OSError, ValueError) as err:
@@ -91,13 +85,6 @@ class DatasetImage:
 
     def __repr__(self) -> str:
         return self.label
-
-    def header_size(self) -> tuple[int, int]:
-        """(width, height) read from the image's header, without decoding its pixels (for length planning)."""
-        value = self._stored()
-        source = io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value["path"]
-        with Image.open(source) as image:
-            return image.size
 
 
 def _label(source: str, subset: str | None, split: str) -> str:

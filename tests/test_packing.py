@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import ExifTags, Image
+from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 
 from phi3v_recipes.config import ConfigError
 from phi3v_recipes.data.batching import (
@@ -170,7 +171,8 @@ def test_packed_row_is_attended_per_sample_even_with_the_default_cache(attn, pro
 def test_collators_keep_the_batch_contract(processor, samples):
     """Both collators: an error feature makes the batch exactly {"error": ...}; `skipped` lists are concatenated
     (key absent when empty). The packing collator restarts position ids per sample, masks each sample's first
-    label, and with flash_kwargs gives the varlen boundaries; `build_collator` picks the collator data.packing
+    label, and with flash_kwargs gives the varlen boundaries flash-attention would derive from the position ids;
+    `build_collator` picks the collator data.packing
     asks for and rejects a token budget below 1."""
     encoded = [encode_sample(s, processor) for s in samples["single"][:2] + samples["text"][:1]]
     for collate in (PaddingCollator(processor.tokenizer.pad_token_id), PackingCollator(flash_kwargs=True)):
@@ -185,6 +187,9 @@ def test_collators_keep_the_batch_contract(processor, samples):
     assert batch["position_ids"][0, starts[:-1]].tolist() == [0, 0, 0]
     assert (batch["labels"][0, starts[:-1]] == -100).all()
     assert batch["cu_seq_lens_q"].tolist() == starts.tolist() and batch["max_length_q"] == max(lengths)
+    (cu_q, cu_k), (max_q, max_k) = prepare_fa_kwargs_from_position_ids(batch["position_ids"])  # what flash derives
+    assert torch.equal(batch["cu_seq_lens_q"], cu_q) and torch.equal(batch["cu_seq_lens_k"], cu_k)
+    assert (batch["max_length_q"], batch["max_length_k"]) == (int(max_q), int(max_k))
     assert batch["pixel_values"].shape[0] == 2  # the two single-image samples, in row order
     assert isinstance(build_collator({"packing": True, "max_tokens_per_row": 64}, 0, "sdpa"), PackingCollator)
     assert build_collator({"packing": True, "max_tokens_per_row": 64}, 0, "flash_attention_2").flash_kwargs

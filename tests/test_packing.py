@@ -122,10 +122,10 @@ def test_packed_step_equals_unpacked_step(model, processor, samples, mix):
         assert_same(losses_and_grads(model, rows, False), unpacked)
 
 
-def test_supervised_only_logits_give_the_same_loss_and_gradients(model, processor, samples):
+def test_supervised_only_logits_give_the_same_loss_and_gradients(model, processor, samples, tmp_path):
     """With supervised-only logits the LM head runs at the supervised positions only: loss and every gradient equal
     the full-logit computation, for padded and packed batches; logits are not materialised; in eval mode (as in
-    generation) the switch changes nothing."""
+    generation) the switch changes nothing; the switch is never written to config.json."""
     encoded = [encode_sample(s, processor) for g in samples.values() for s in g]
     padded = [PaddingCollator(processor.tokenizer.pad_token_id)(encoded[:4]), PaddingCollator(0)(encoded[4:])]
     packed = [PackingCollator()(encoded)]
@@ -142,6 +142,10 @@ def test_supervised_only_logits_give_the_same_loss_and_gradients(model, processo
         assert kept.logits is not None and kept.logits.shape[:2] == packed[0]["input_ids"].shape
     finally:
         model.train()
+    set_supervised_logits(model, True)
+    model.config.save_pretrained(tmp_path)
+    set_supervised_logits(model, False)
+    assert "supervised" not in (tmp_path / "config.json").read_text()
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

@@ -20,14 +20,13 @@ def official_layout_checkpoint(path) -> Phi3VForCausalLM:
     model.save_pretrained(path)
     build_tiny_processor().tokenizer.save_pretrained(path)
     config = json.loads((path / "config.json").read_text())
-    rope = config.pop("rope_parameters")
     config.update(
         auto_map={
             "AutoConfig": "configuration_phi3_v.Phi3VConfig",
             "AutoModelForCausalLM": "modeling_phi3_v.Phi3VForCausalLM",
         },
         _attn_implementation="flash_attention_2",
-        rope_theta=rope["rope_theta"],
+        rope_theta=10000.0,
         rope_scaling={"type": "su", "long_factor": [1.0] * 8, "short_factor": [1.0] * 8},
         torch_dtype="float32",
     )

@@ -36,13 +36,14 @@ from phi3v_recipes.config import (
     world_size,
 )
 from phi3v_recipes.data.check import screen
-from phi3v_recipes.data.collate import PaddingCollator
+from phi3v_recipes.data.collate import build_collator
 from phi3v_recipes.data.dataset import EncodedDataset
 from phi3v_recipes.data.sample import SampleError
 from phi3v_recipes.data.tasks import load_split
 from phi3v_recipes.evaluation import evaluate
 from phi3v_recipes.files import atomic_write_text
 from phi3v_recipes.loading import TINY, load_model, load_processor, model_path, write_tiny_base
+from phi3v_recipes.model.modeling_phi3v import set_supervised_logits
 from phi3v_recipes.preemption import StopSignals
 from phi3v_recipes.rundir import (
     RunLock,
@@ -198,6 +199,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.eval.before:
         run_eval("eval_before", model)
 
+    set_supervised_logits(model, cfg.train.supervised_logits)
     stop_signals = StopSignals(cfg.run.stop_signals)  # before the DataLoader forks its workers
     trainer = RecipeTrainer(
         recipe=cfg,
@@ -207,7 +209,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         model=model,
         args=args,
         train_dataset=EncodedDataset(train_samples, processor, data.max_length, data.on_error, data.max_image_pixels),
-        data_collator=PaddingCollator(processor.tokenizer.pad_token_id),
+        data_collator=build_collator(cfg.data, processor.tokenizer.pad_token_id, cfg.model.attn_implementation),
         processing_class=processor,
     )
     result = trainer.train(resume_from_checkpoint=resume)

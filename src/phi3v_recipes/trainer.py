@@ -6,15 +6,16 @@
 - problem samples: a batch reports samples that failed while training (`skipped` under data.on_error=skip, listed
   in `skipped.txt`; `error` under raise, which stops the run with its sentence) before the model sees it;
 - every optimizer step ends in one check shared by all ranks (`_guard_step`): a non-finite loss or gradient norm
-  stops the run before anything is saved (`Diverged`); a stop signal (`preemption.py`) makes every rank save a
+  stops the run before anything is saved; a stop signal (`preemption.py`) makes every rank save a
   checkpoint at that same step and stop; the step's loss, averaged over ranks, is recorded exactly;
 - checkpoints are atomic (`_save_checkpoint`): written under `.checkpoint-staging/`, flushed to disk and renamed
   to `checkpoint-N` when complete; older ones are rotated out only after that. A failed write stops the run and
-  keeps the previous checkpoint.
+  keeps the previous checkpoint. A LoRA adapter is saved without the untouched base weights (`_save`).
 
 Everything else is the stock `Trainer`.
 """
 
+import functools
 import json
 import logging
 import math
@@ -26,8 +27,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
+from torch.utils.data import DataLoader
 from transformers import Trainer
-from transformers.trainer_utils import rotate_checkpoints
+from transformers.trainer_utils import rotate_checkpoints, seed_worker
 
 from phi3v_recipes.config import ConfigError, RunStopped, resume_command
 from phi3v_recipes.data.sample import SampleError
@@ -54,6 +56,47 @@ class RecipeTrainer(Trainer):
         self.stopped_by: str | None = None
         self._step_loss = 0.0
         self._guarded_step = -1
+
+    # ---- batches: padding, length grouping or padding-free packing (data/batching.py) -----------------------
+
+    def get_train_dataloader(self) -> DataLoader:
+        """The stock loader (random batches of `train.batch_size`) unless `data.packing` (micro-batches of
+        `train.batch_size` packed rows of at most `data.max_tokens_per_row` tokens) or `data.group_by_length`
+        (batches of similar-length samples) asks for a planned batch sampler. Plans follow `(train.seed, epoch)`;
+        accelerate deals the micro-batches to ranks."""
+        data = self.recipe.data
+        if not (data.get("packing") or data.get("group_by_length")):
+            return super().get_train_dataloader()
+        from phi3v_recipes.data.batching import LengthGroupedBatchSampler, PackedBatchSampler
+        from phi3v_recipes.data.lengths import dataset_lengths
+
+        dataset = self.train_dataset
+        lengths = dataset_lengths(dataset)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+
+        def epoch() -> int:  # the epoch being started; right after a mid-epoch resume too
+            return int(math.floor(self.state.epoch + 1e-9)) if self.state.epoch else 0
+
+        if data.get("packing"):
+            samples = getattr(dataset, "samples", None)
+            names = [s.where for s in samples] if samples is not None else None
+            sampler = PackedBatchSampler(lengths, data.max_tokens_per_row, self.args.per_device_train_batch_size,
+                                         seed, epoch_fn=epoch, names=names)
+        else:
+            sampler = LengthGroupedBatchSampler(lengths, self.args.per_device_train_batch_size, seed,
+                                                data.length_group_batches, epoch_fn=epoch)
+        loader = DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+            persistent_workers=self.args.dataloader_persistent_workers and self.args.dataloader_num_workers > 0,
+            prefetch_factor=self.args.dataloader_prefetch_factor,
+            worker_init_fn=functools.partial(seed_worker, num_workers=self.args.dataloader_num_workers,
+                                   rank=self.args.process_index),
+        )
+        return self.accelerator.prepare(loader)
 
     # ---- problem samples -------------------------------------------------------------------------------------
 
@@ -181,6 +224,26 @@ class RecipeTrainer(Trainer):
             rotate_checkpoints(str(self.run_dir), save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
             log.info("saved %s", final)
+
+
+    # ---- adapter saves ----------------------------------------------------------------------------------------
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Checkpoints and the final model as the stock `Trainer` writes them, except that a LoRA adapter holds
+        the adapter weights only: peft would add the untouched base `lm_head` because `lm_head` is a LoRA target
+        (`save_embedding_layers="auto"`), about 200 MB per save at real size in bf16; the base the adapter loads
+        onto has it."""
+        from peft import PeftModel
+
+        model = self.model
+        if not isinstance(model, PeftModel):
+            super()._save(output_dir, state_dict)
+            return
+        model.save_pretrained = functools.partial(type(model).save_pretrained, model, save_embedding_layers=False)
+        try:
+            super()._save(output_dir, state_dict)
+        finally:
+            del model.save_pretrained
 
 
 def _fsync_tree(root: Path) -> None:

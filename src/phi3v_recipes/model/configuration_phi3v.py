@@ -9,9 +9,16 @@ The language-model fields are those of transformers' `Phi3Config`. On top of the
   hd_transform_order: sub_glb, projection_cls: mlp}`.
 
 The official file does not spell out the CLIP architecture: `model_name` implies CLIP ViT-L/14-336.
-`vision_config` makes it explicit (we write it when saving), and lets tests build tiny models.
+`vision_config` makes it explicit for other towers (we write it when saving a model whose tower is not CLIP
+ViT-L/14-336), and lets tests build tiny models.
+
+`config.json` is written in the official layout (`to_dict`), the one Microsoft's reference configuration class
+and vLLM read: `rope_scaling: {type, short_factor, long_factor}` and `rope_theta` instead of transformers 5's
+`rope_parameters`, `torch_dtype` instead of `dtype`, `_attn_implementation` and `_name_or_path` as the official
+files record them. Reading accepts both that layout and transformers 5's.
 """
 
+from contextvars import ContextVar
 from typing import Any
 
 from transformers import CLIPVisionConfig, Phi3Config
@@ -21,6 +28,18 @@ from transformers.utils import is_flash_attn_2_available, logging
 logger = logging.get_logger(__name__)
 
 CLIP_VIT_L_14_336 = "openai/clip-vit-large-patch14-336"
+
+# Set while transformers computes a diff of its own layout (see `Phi3VConfig.to_diff_dict`).
+_TRANSFORMERS_LAYOUT: ContextVar[bool] = ContextVar("phi3v_transformers_layout", default=False)
+
+# What the official config.json records as `_attn_implementation`. It is a preference of the machine a model was
+# saved on, not a property of the weights: our loader falls back to sdpa without flash-attn (see __post_init__),
+# the reference code takes `_attn_implementation="eager"` at load time, vLLM ignores it.
+OFFICIAL_ATTN_IMPLEMENTATION = "flash_attention_2"
+
+# The official name of transformers' `longrope` in `rope_scaling.type` (the only type the reference
+# configuration class accepts besides `yarn`).
+OFFICIAL_LONGROPE_TYPE = "su"
 
 # CLIP ViT-L/14 at 336 px, the vision tower of every released Phi-3-V checkpoint.
 CLIP_VIT_L_14_336_CONFIG: dict[str, Any] = {
@@ -46,6 +65,9 @@ DEFAULT_IMG_PROCESSOR: dict[str, Any] = {
     "layer_idx": -2,
     "type_feature": "patch",
 }
+
+# Fields of `img_processor` that the official files leave out, with the value the reference code then uses.
+REFERENCE_IMG_PROCESSOR_DEFAULTS: dict[str, Any] = {"layer_idx": -2, "type_feature": "patch"}
 
 DEFAULT_EMBD_LAYER: dict[str, Any] = {
     "embedding_cls": "image",
@@ -161,6 +183,77 @@ class Phi3VConfig(Phi3Config):
                 f"(0..{vision.num_hidden_layers} or -1..-{vision.num_hidden_layers + 1})."
             )
 
+    # ------------------------------------------------------------------ config.json in the official layout
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        return output if _TRANSFORMERS_LAYOUT.get() else self._official_layout(output)
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        # The diff drops values equal to transformers' defaults; the official files list every key. transformers
+        # computes the diff on its own layout (reading `torch_dtype` back as an attribute would only warn).
+        full = self.to_dict()
+        token = _TRANSFORMERS_LAYOUT.set(True)
+        try:
+            diff = self._official_layout(super().to_diff_dict())
+        finally:
+            _TRANSFORMERS_LAYOUT.reset(token)
+        for key in OFFICIAL_KEYS:
+            if key in full:
+                diff[key] = full[key]
+        return dict(sorted(diff.items()))
+
+    def _official_layout(self, output: dict[str, Any]) -> dict[str, Any]:
+        """Rewrite transformers 5's serialisation of this config into the keys of the official `config.json`."""
+        output = dict(output)
+        if "rope_parameters" in output or "rope_scaling" not in output:
+            output.pop("rope_parameters", None)
+            output.update(self.official_rope_fields())
+        dtype = output.pop("dtype", None)
+        if dtype is None and getattr(self, "dtype", None) is not None:
+            dtype = self.dtype
+        if dtype is not None:
+            output["torch_dtype"] = str(dtype).removeprefix("torch.")
+        output["_attn_implementation"] = OFFICIAL_ATTN_IMPLEMENTATION
+        output["_name_or_path"] = getattr(self, "_name_or_path", "") or ""
+        if output.get("architectures") is None:
+            output["architectures"] = ["Phi3VForCausalLM"]
+        # The reference code assumes layer_idx -2 and type_feature `patch` when absent, as the official files are.
+        output["img_processor"] = {
+            key: value for key, value in self.img_processor.items()
+            if key not in REFERENCE_IMG_PROCESSOR_DEFAULTS or value != REFERENCE_IMG_PROCESSOR_DEFAULTS[key]
+        }
+        vision = output.get("vision_config")
+        if isinstance(vision, dict) and self.img_processor.get("model_name") == CLIP_VIT_L_14_336 and all(
+            vision.get(key) == value for key, value in CLIP_VIT_L_14_336_CONFIG.items()
+        ):
+            # Implied by `img_processor.model_name`, as in the official files.
+            output.pop("vision_config")
+        return output
+
+    def official_rope_fields(self) -> dict[str, Any]:
+        """`rope_theta`, `rope_scaling` (None for plain RoPE) and, when not 1, `partial_rotary_factor`, as the
+        official `config.json` spells them: transformers' `longrope` is written as `su` with its two factor lists
+        only (the reference configuration class rejects any other key)."""
+        rope = dict(self.rope_parameters or {})
+        rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+        fields: dict[str, Any] = {"rope_theta": rope.pop("rope_theta", 10_000.0)}
+        partial = rope.pop("partial_rotary_factor", 1.0)
+        if partial != 1.0:
+            fields["partial_rotary_factor"] = partial
+        if rope_type == "default":
+            fields["rope_scaling"] = None
+        elif rope_type == "longrope":
+            fields["rope_scaling"] = {
+                "type": OFFICIAL_LONGROPE_TYPE,
+                "short_factor": list(rope["short_factor"]),
+                "long_factor": list(rope["long_factor"]),
+            }
+        else:
+            rope.pop("original_max_position_embeddings", None)
+            fields["rope_scaling"] = {"type": rope_type, **rope}
+        return fields
+
     @property
     def vision_feature_layers(self) -> int:
         """How many CLIP encoder layers run: the features are the output of the last one of them."""
@@ -173,4 +266,14 @@ class Phi3VConfig(Phi3Config):
         return self.img_processor["image_dim_out"]
 
 
-__all__ = ["Phi3VConfig", "CLIP_VIT_L_14_336_CONFIG"]
+# Every key of the official Phi-3.5-vision-instruct / Phi-3-vision-128k-instruct `config.json`: always written.
+OFFICIAL_KEYS = (
+    "_attn_implementation", "_name_or_path", "architectures", "attention_dropout", "auto_map", "bos_token_id",
+    "embd_layer", "embd_pdrop", "eos_token_id", "hidden_act", "hidden_size", "img_processor", "initializer_range",
+    "intermediate_size", "max_position_embeddings", "model_type", "num_attention_heads", "num_hidden_layers",
+    "num_key_value_heads", "original_max_position_embeddings", "pad_token_id", "resid_pdrop", "rms_norm_eps",
+    "rope_scaling", "rope_theta", "sliding_window", "tie_word_embeddings", "torch_dtype", "transformers_version",
+    "use_cache", "vocab_size",
+)
+
+__all__ = ["CLIP_VIT_L_14_336_CONFIG", "OFFICIAL_KEYS", "Phi3VConfig"]

@@ -11,7 +11,23 @@ Module tree and parameter names are those of Microsoft's checkpoints:
 Image positions in `input_ids` hold negative ids (`-N` for the N-th image of a sample, as the processor writes
 them); the model looks the embedding up at `max(id, 0)` on a copy and overwrites those positions with image
 features, so the caller's tensor is never modified.
+
+Packed rows (several samples end to end in one row, `position_ids` restarting at 0 for each, no attention mask:
+`data/collate.py` `PackingCollator`) are attended block-diagonally by eager/sdpa attention and through the
+variable-length path of flash-attention; such a forward never creates a cache (with one, transformers would not
+see the sample boundaries).
+
+Supervised-only logits (training): `Phi3VForCausalLM.supervised_logits = True`, or the forward argument
+`supervised_logits=True`, makes a training forward with `labels` run the LM head only at the positions whose
+(shifted) label is supervised: the same loss and gradients, without the full-vocabulary logits of every position
+(`logits` is then None). On CUDA, with Liger installed (`pip install 'phi3v-recipes[liger]'`), the head and the
+cross-entropy run as Liger's fused linear cross-entropy. The switch is a module attribute, never saved in
+`config.json`; generation and evaluation (no labels, or eval mode) are unaffected.
 """
+
+import importlib.util
+import os
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,6 +44,11 @@ from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 
 from phi3v_recipes.model.configuration_phi3v import Phi3VConfig
+from phi3v_recipes.model.remote_code import CONFIG_AUTO_MAP, resolve_auto_map
+
+# The shard size of the official checkpoints (transformers 4's default): two safetensors files and an index for
+# the 8.3 GB bf16 Phi-3.5-vision; one file, no index, for anything under 5 GB.
+OFFICIAL_MAX_SHARD_SIZE = "5GB"
 
 
 class Phi3VCLIPTransformer(nn.Module):
@@ -171,6 +192,37 @@ class Phi3VPreTrainedModel(Phi3PreTrainedModel):
                 module.freeze_unused()
         return loaded
 
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *args: Any,
+        max_shard_size: int | str = OFFICIAL_MAX_SHARD_SIZE,
+        reference_code: str | os.PathLike | None = None,
+        reference_repo: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Save in the official layout: `config.json` as the official one (see `Phi3VConfig.to_dict`), the
+        official tensor names in safetensors shards of at most `max_shard_size` with an index when there is more
+        than one, and an `auto_map` whose entries resolve (see `remote_code`): the reference `*.py` files of
+        `reference_code` (default: the directory this model was loaded from) are copied beside the weights, or
+        the entries point at the hub repository `reference_repo` (default: the hub id it was loaded from)."""
+        config = self.config
+        had_map, saved_map = hasattr(config, "auto_map"), getattr(config, "auto_map", None)
+        source = reference_code if reference_code is not None else getattr(config, "_name_or_path", None)
+        if kwargs.get("is_main_process", True):
+            resolved = resolve_auto_map(saved_map or CONFIG_AUTO_MAP, save_directory, source, reference_repo)
+            if resolved:
+                config.auto_map = resolved
+            elif had_map:
+                del config.auto_map
+        try:
+            super().save_pretrained(save_directory, *args, max_shard_size=max_shard_size, **kwargs)
+        finally:
+            if had_map:
+                config.auto_map = saved_map
+            elif hasattr(config, "auto_map"):
+                del config.auto_map
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if isinstance(module, Phi3VImageEmbedding):
@@ -179,6 +231,11 @@ class Phi3VPreTrainedModel(Phi3PreTrainedModel):
         elif isinstance(module, CLIPVisionEmbeddings):
             init.normal_(module.class_embedding, mean=0.0, std=module.embed_dim**-0.5)
             init.copy_(module.position_ids, torch.arange(module.num_positions).expand((1, -1)))
+
+
+def is_packed(position_ids: torch.Tensor | None) -> bool:
+    """True when `position_ids` restart inside a row: several samples packed end to end."""
+    return position_ids is not None and position_ids.shape[-1] > 1 and bool((position_ids[..., 1:] == 0).any())
 
 
 class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
@@ -236,6 +293,8 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids, pixel_values, image_sizes)
+        if use_cache is not False and cache is None and attention_mask is None and is_packed(position_ids):
+            use_cache = False  # a cache would hide the packed samples' boundaries from the attention mask
         return super().forward(
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -246,8 +305,21 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
         )
 
 
+def _liger_fused_linear_cross_entropy():
+    """Liger's fused linear cross-entropy function, or None when liger-kernel is not installed."""
+    if importlib.util.find_spec("liger_kernel") is None:
+        return None
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    return liger_fused_linear_cross_entropy
+
+
 class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):
     """Phi-3-V with its language-model head: the class of the released checkpoints."""
+
+    supervised_logits: bool = False
+    """Training switch: with labels, in train mode, run the LM head only where the shifted label is supervised
+    (see the module docstring). A module attribute, not a config field: never written to `config.json`."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
@@ -279,6 +351,7 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        supervised_logits: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> CausalLMOutputWithPast:
         r"""
@@ -290,7 +363,12 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):
             Target ids, -100 where no loss is taken; shifted inside the loss.
         logits_to_keep (`int` or `torch.Tensor`, *optional*):
             Compute logits for the last `int` positions only, or for the given positions.
+        supervised_logits (`bool`, *optional*):
+            With `labels`, in train mode: compute the loss from the logits of the supervised positions only and
+            return `logits=None`. Defaults to the model's `supervised_logits` attribute.
         """
+        if labels is not None and use_cache is None:
+            use_cache = False  # a loss pass never needs a cache
         outputs: BaseModelOutputWithPast = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -302,11 +380,14 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             **kwargs,
         )
-        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
-        logits = self.lm_head(hidden_states)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        supervised_only = self.supervised_logits if supervised_logits is None else supervised_logits
+        loss = logits = None
+        if labels is not None and supervised_only and self.training:
+            loss = self.supervised_loss(outputs.last_hidden_state, labels, **kwargs)
+        else:
+            logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+            if labels is not None:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -314,6 +395,37 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
+
+    def supervised_loss(
+        self,
+        hidden_states: torch.Tensor,
+        labels: torch.LongTensor,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        ignore_index: int = -100,
+        shift_labels: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """transformers' causal-LM loss (labels shifted left, fp32 cross-entropy, summed over `num_items_in_batch`
+        when given, else averaged) from the LM head applied at the supervised positions only."""
+        if shift_labels is None:
+            shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        shift_labels = shift_labels.to(hidden_states.device)
+        keep = shift_labels != ignore_index
+        hidden, targets = hidden_states[keep], shift_labels[keep]
+        reduction = "sum" if num_items_in_batch is not None else "mean"
+        fused = _liger_fused_linear_cross_entropy() if hidden.is_cuda and type(self.lm_head) is nn.Linear else None
+        if fused is not None:  # the head's matmul and the cross-entropy in chunks, never all logits at once
+            weight = self.lm_head.weight.to(hidden.dtype)  # e.g. fp32 master weights under bf16 autocast
+            loss = fused(hidden, weight, targets, ignore_index=ignore_index, reduction=reduction)
+            loss = loss[0] if isinstance(loss, tuple) else getattr(loss, "loss", loss)
+        else:
+            logits = self.lm_head(hidden).float()
+            loss = nn.functional.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction)
+        if reduction == "sum":
+            if torch.is_tensor(num_items_in_batch):
+                num_items_in_batch = num_items_in_batch.to(loss.device)
+            loss = loss / num_items_in_batch
+        return loss
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def prepare_inputs_for_generation(
@@ -340,4 +452,13 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):
         return model_inputs
 
 
-__all__ = ["Phi3VForCausalLM", "Phi3VModel", "Phi3VPreTrainedModel", "Phi3VImageEmbedding"]
+def set_supervised_logits(model: nn.Module, enabled: bool) -> int:
+    """Turn supervised-only logits on or off for every `Phi3VForCausalLM` inside `model` (a peft or DeepSpeed
+    wrapper included); returns how many were found."""
+    found = [m for m in model.modules() if isinstance(m, Phi3VForCausalLM)]
+    for module in found:
+        module.supervised_logits = bool(enabled)
+    return len(found)
+
+
+__all__ = ["set_supervised_logits", "Phi3VForCausalLM", "Phi3VModel", "Phi3VPreTrainedModel", "Phi3VImageEmbedding"]

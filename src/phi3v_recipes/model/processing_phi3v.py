@@ -12,9 +12,11 @@ training, left for generation) and the images of all samples are concatenated, i
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,6 +29,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils import PaddingStrategy, TensorType
 
 from phi3v_recipes.model.image_processing_phi3v import Phi3VImageProcessor, Phi3VImageProcessorKwargs
+from phi3v_recipes.model.remote_code import PROCESSOR_AUTO_MAP, resolve_auto_map
 
 __all__ = [
     "ASSISTANT_TOKEN",
@@ -141,19 +144,65 @@ class Phi3VProcessor(ProcessorMixin):
         tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **shared)
         return [image_processor, tokenizer]
 
-    def save_pretrained(
-        self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any
-    ) -> list[str]:
-        """Save the processor (`processor_config.json`, tokenizer files, `chat_template.jinja`).
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
+        processor = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        # Where the reference code of an `auto_map` can come from when this processor is saved elsewhere.
+        processor.reference_source = str(pretrained_model_name_or_path)
+        saved = Path(pretrained_model_name_or_path) / "preprocessor_config.json"
+        if saved.is_file():
+            processor.reference_auto_map = json.loads(saved.read_text(encoding="utf-8")).get("auto_map")
+        return processor
 
-        Also writes `preprocessor_config.json`, the file that the official checkpoints and older loaders read
-        the image processor from (transformers 5 keeps it nested in `processor_config.json`).
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        push_to_hub: bool = False,
+        reference_code: str | os.PathLike | None = None,
+        reference_repo: str | None = None,
+        **kwargs: Any,
+    ) -> list[str]:
+        """Save the processor in the official layout: `preprocessor_config.json` with the official fields
+        (`processor_class`, `image_processor_type`, `auto_map`, `num_crops`, `num_img_tokens`, `image_mean`,
+        `image_std`, `do_convert_rgb`), the tokenizer files with the chat template inside `tokenizer_config.json`
+        (and as `chat_template.jinja`), under a `tokenizer_class` that transformers 4 knows. No `processor_config.json`: the official repositories have none, and the
+        reference processor of transformers 4 cannot take transformers 5's nested one.
+
+        The `auto_map` entries resolve as the model's do (see `remote_code`): reference `*.py` files copied from
+        `reference_code` (default: the directory this processor was loaded from), or pointing at the hub
+        repository `reference_repo` (default: the hub id it was loaded from); unresolvable entries are left out.
         """
-        os.makedirs(save_directory, exist_ok=True)
-        image_processor_files = self.image_processor.save_pretrained(save_directory)
-        return image_processor_files + super().save_pretrained(
-            save_directory, push_to_hub=push_to_hub, **kwargs
+        save_directory = Path(save_directory)
+        save_directory.mkdir(parents=True, exist_ok=True)
+        files = super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+        (save_directory / "processor_config.json").unlink(missing_ok=True)
+        source = reference_code if reference_code is not None else getattr(self, "reference_source", None)
+        preprocessor = {
+            **self.image_processor.to_dict(),
+            "processor_class": type(self).__name__,
+            "image_processor_type": type(self.image_processor).__name__,
+        }
+        auto_map = resolve_auto_map(
+            getattr(self, "reference_auto_map", None) or PROCESSOR_AUTO_MAP, save_directory, source, reference_repo
         )
+        if auto_map:
+            preprocessor["auto_map"] = auto_map
+        (save_directory / "preprocessor_config.json").write_text(
+            json.dumps(dict(sorted(preprocessor.items())), indent=2) + "\n", encoding="utf-8"
+        )
+        tokenizer_config = save_directory / "tokenizer_config.json"
+        if tokenizer_config.is_file():
+            fields = json.loads(tokenizer_config.read_text(encoding="utf-8"))
+            if self.chat_template:
+                fields.setdefault("chat_template", self.chat_template)
+            if fields.get("tokenizer_class") == "TokenizersBackend":
+                # transformers 5's name of a plain fast tokenizer; transformers 4 (the reference code's, and many
+                # vLLM installs') knows the same class as PreTrainedTokenizerFast, and 5 reads that name too.
+                fields["tokenizer_class"] = "PreTrainedTokenizerFast"
+            tokenizer_config.write_text(json.dumps(fields, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        return [str(f) for f in files if Path(f).name != "processor_config.json"] + [
+            str(save_directory / "preprocessor_config.json")
+        ]
 
     # ------------------------------------------------------------------ properties and helpers
 

@@ -110,20 +110,17 @@ def test_run_directory_below_a_file_is_refused(tmp_path):
 
 
 def test_cli_start_up_errors_exit_2_with_one_sentence(tmp_path):
-    """Through `python -m phi3v_recipes`: a non-numeric epoch count, a run without steps and a run directory that
-    is a file each exit with code 2 and one `error:` line naming the setting, no traceback,
-    and no model or checkpoint is written."""
+    """Through `python -m phi3v_recipes`: a non-numeric epoch count (checked in validate, like a run without
+    steps) and a run directory that is a file (checked before Hydra creates it) each exit with code 2 and one
+    `error:` line naming the setting, no traceback, and no model or checkpoint is written."""
     (tmp_path / "taken").write_text("a file, not a directory\n")
     commands = {
         "abc": ["phi3v_recipes", "train.epochs=abc", f"run.output_dir={tmp_path / 'abc'}"],
-        "zero": ["phi3v_recipes", "train.epochs=0", f"run.output_dir={tmp_path / 'zero'}"],
         "file": ["phi3v_recipes", f"run.output_dir={tmp_path / 'taken'}"],
     }
     results = run_parallel(commands, cwd=tmp_path)
     expected = {
         "abc": "error: train.epochs='abc' is not a number; give a number >= 0.",
-        "zero": "error: train.epochs=0 with train.max_steps=-1 trains nothing; set train.epochs > 0 or "
-                "train.max_steps > 0.",
         "file": f"error: run.output_dir={tmp_path / 'taken'}: {tmp_path / 'taken'} is a file, not a directory; "
                 "choose another run.output_dir.",
     }

@@ -27,10 +27,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from phi3v_recipes.data.encode import prompt_text, too_long, user_content
+from phi3v_recipes.data.encode import too_long, user_content
 from phi3v_recipes.data.jsonl import read_jsonl
+from phi3v_recipes.data.lengths import sample_length
 from phi3v_recipes.data.sample import Sample, SampleError, load_image
-from phi3v_recipes.model.processing_phi3v import END_TOKEN, IMAGE_TAG_PATTERN
 
 MAX_LISTED = 10
 
@@ -42,21 +42,9 @@ def count_tokens(sample: Sample, processor: Any, images: Sequence[Sequence[Any]]
     `images`, when given, are the turns' images already loaded (one list per turn), so they are not read twice;
     otherwise they are read with the `max_pixels` limit (data.max_image_pixels), as training reads them.
     """
-    tokenizer = processor.tokenizer
-    total = 1  # the closing <|endoftext|>
-    for k, turn in enumerate(sample.turns):
-        chunks = tokenizer(re.split(IMAGE_TAG_PATTERN, prompt_text(processor, user_content(sample, k)))).input_ids
-        total += sum(len(ids) for ids in chunks)
-        if k > 0 and chunks[0][:1] == [tokenizer.bos_token_id]:
-            total -= 1  # encode_sample keeps one BOS, at the start of the conversation
-        loaded = images[k] if images is not None else [load_image(ref, sample, max_pixels) for ref in turn.images]
-        for image in loaded:
-            try:
-                total += processor.num_image_tokens_for(image)
-            except ValueError as err:  # e.g. an image too elongated for the HD transform
-                raise SampleError(f"{sample.where}: {err}") from None
-        total += len(tokenizer(turn.assistant + END_TOKEN + "\n", add_special_tokens=False).input_ids)
-    return total
+    loaded = images if images is not None else [[load_image(ref, sample, max_pixels) for ref in turn.images]
+                                                for turn in sample.turns]
+    return sample_length(sample, processor, [[image.size for image in turn] for turn in loaded])
 
 
 def check_sample(sample: Sample, processor: Any, max_length: int | None, max_pixels: int | None = None) -> int:

@@ -24,7 +24,7 @@ from typing import Any
 from PIL import ExifTags, Image, UnidentifiedImageError
 
 from phi3v_recipes.data.encode import prompt_text, user_content
-from phi3v_recipes.data.sample import ImageRef, Sample, SampleError
+from phi3v_recipes.data.sample import ImageRef, Sample, SampleError, own_pixel_limit
 from phi3v_recipes.model.processing_phi3v import END_TOKEN, IMAGE_TAG_PATTERN
 
 __all__ = ["dataset_lengths", "image_size", "sample_length", "sample_lengths", "upright_size"]
@@ -48,7 +48,8 @@ def image_size(ref: ImageRef, sample: Sample) -> tuple[int, int]:
     if isinstance(ref, Image.Image):
         return ref.size
     try:
-        with ref() if callable(ref) else Image.open(ref) as image:  # reads the header; pixels stay undecoded
+        # Reads the header; pixels stay undecoded. data.max_image_pixels is load_image's to enforce, not PIL's.
+        with own_pixel_limit(), (ref() if callable(ref) else Image.open(ref)) as image:
             return upright_size(image)
     except FileNotFoundError:
         raise SampleError(f"{sample.where}: image {ref} does not exist; fix the path or the image root.") from None
@@ -56,8 +57,9 @@ def image_size(ref: ImageRef, sample: Sample) -> tuple[int, int]:
         raise SampleError(f"{sample.where}: image {ref} cannot be read ({err}); replace or drop it.") from None
 
 
-def sample_length(sample: Sample, processor: Any) -> int:
-    """Tokens of `encode_sample(sample, processor)["input_ids"]`, computed from image headers and text alone."""
+def sample_length(sample: Sample, processor: Any, image_sizes: Sequence[Sequence[tuple[int, int]]] | None = None) -> int:
+    """Tokens of `encode_sample(sample, processor)["input_ids"]`, computed from image sizes and text alone: the
+    (width, height) of each turn's images from `image_sizes` (one list per turn), or else from the file headers."""
     tokenizer = processor.tokenizer
     total = 1  # the closing <|endoftext|>
     for k, turn in enumerate(sample.turns):
@@ -65,8 +67,8 @@ def sample_length(sample: Sample, processor: Any) -> int:
         total += sum(len(ids) for ids in chunks)
         if k > 0 and chunks[0][:1] == [tokenizer.bos_token_id]:
             total -= 1  # encode_sample keeps one BOS, at the start of the conversation
-        for ref in turn.images:
-            width, height = image_size(ref, sample)
+        sizes = image_sizes[k] if image_sizes is not None else [image_size(ref, sample) for ref in turn.images]
+        for width, height in sizes:
             try:
                 total += processor.calc_num_image_tokens_from_image_size(width, height)
             except ValueError as err:  # e.g. an image too elongated for the HD transform

@@ -56,7 +56,7 @@ class Sample:
 
 
 @contextmanager
-def _own_pixel_limit() -> Iterator[None]:
+def own_pixel_limit() -> Iterator[None]:
     """PIL's process-wide decompression-bomb limit off while one image is read: `load_image` checks its own limit
     (data.max_image_pixels) from the header instead, with a sentence rather than PIL's exception or warning.
     Images are read by one thread per process (the main process, or each DataLoader worker)."""
@@ -96,7 +96,7 @@ def load_image(
     if isinstance(ref, Image.Image):
         return to_rgb8(ref)
     try:
-        with _own_pixel_limit(), (ref() if callable(ref) else Image.open(ref)) as image:
+        with own_pixel_limit(), (ref() if callable(ref) else Image.open(ref)) as image:
             width, height = image.size
             if max_pixels is not None and width * height > max_pixels:
                 raise SampleError(

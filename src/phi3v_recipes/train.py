@@ -151,6 +151,7 @@ def _open_run_dir(cfg: DictConfig, run_dir: Path) -> tuple[RunLock, str | None]:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train and evaluate as `cfg` says; return the metrics (also written to <run dir>/metrics.json)."""
     start = time.perf_counter()
+    logging.captureWarnings(True)  # library warnings go to train.log too
     log.info("command: %s", " ".join(sys.orig_argv))
     log.info("overrides: %s", " ".join(launch_overrides()) or "none")
     validate(cfg)

@@ -8,7 +8,8 @@ meta device (no memory, no download).
 Public API:
     architecture_config(model_cfg) -> Phi3VConfig
     build_random_model(model_cfg, attn_implementation, seed) -> Phi3VForCausalLM   (fp32, random weights)
-    parameter_counts(config) -> ParameterCounts                               (meta-device build)
+    meta_model(config) -> Phi3VForCausalLM                                     (meta device: shapes only)
+    parameter_counts(model) -> ParameterCounts
 """
 
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from phi3v_recipes.model.configuration_phi3v import Phi3VConfig
 from phi3v_recipes.model.modeling_phi3v import Phi3VForCausalLM
 from phi3v_recipes.model.tiny import tiny_model_config
 
-__all__ = ["ParameterCounts", "architecture_config", "build_random_model", "parameter_counts"]
+__all__ = ["ParameterCounts", "architecture_config", "build_random_model", "meta_model", "parameter_counts"]
 
 
 def architecture_config(model_cfg: DictConfig, attn_implementation: str | None = None) -> Phi3VConfig:
@@ -69,10 +70,14 @@ class ParameterCounts:
         return self.total - self.unused
 
 
-def parameter_counts(config: Phi3VConfig) -> ParameterCounts:
-    """Count the parameters of `Phi3VForCausalLM(config)` built on the meta device (no memory is allocated)."""
+def meta_model(config: Phi3VConfig) -> Phi3VForCausalLM:
+    """`Phi3VForCausalLM(config)` on the meta device: every shape, no memory."""
     with torch.device("meta"):
-        model = Phi3VForCausalLM._from_config(config)
+        return Phi3VForCausalLM._from_config(config)
+
+
+def parameter_counts(model: Phi3VForCausalLM) -> ParameterCounts:
+    """Count the parameters of `model` by part (build it with `meta_model` to allocate nothing)."""
     unused_names = set(model.unused_parameter_names())
     parts = dict(clip=0, projector=0, embed_tokens=0, lm_head=0, lm_body=0)
     unused = 0

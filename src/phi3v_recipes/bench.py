@@ -122,8 +122,9 @@ def build_model(cfg: DictConfig, device: torch.device) -> torch.nn.Module:
     from phi3v_recipes.strategy import apply_strategy
 
     attn = cfg.model.attn_implementation
-    model = build_random_model(cfg.model, attn, cfg.bench.seed)
-    if cfg.strategy.get("quantization"):
+    quantized = bool(cfg.strategy.get("quantization"))
+    model = build_random_model(cfg.model, attn, cfg.bench.seed, "cpu" if quantized else device)
+    if quantized:
         if device.type != "cuda":
             raise ConfigError(f"strategy={cfg.strategy.name} benchmarks on a GPU only (4-bit kernels); use "
                               "strategy=lora on CPU.")
@@ -136,7 +137,7 @@ def build_model(cfg: DictConfig, device: torch.device) -> torch.nn.Module:
     else:
         model = model.to(device)  # trained weights stay fp32: the master weights (bf16 autocast on GPU)
     if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model = apply_strategy(model, cfg)
     for p in model.parameters():  # adapters (and anything trained) in fp32
         if p.requires_grad and p.dtype != torch.float32:

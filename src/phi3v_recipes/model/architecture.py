@@ -7,7 +7,7 @@ meta device (no memory, no download).
 
 Public API:
     architecture_config(model_cfg) -> Phi3VConfig
-    build_random_model(model_cfg, attn_implementation, seed) -> Phi3VForCausalLM   (fp32, random weights)
+    build_random_model(model_cfg, attn_implementation, seed, device) -> Phi3VForCausalLM   (fp32, random)
     meta_model(config) -> Phi3VForCausalLM                                     (meta device: shapes only)
     parameter_counts(model) -> ParameterCounts
 """
@@ -44,11 +44,14 @@ def architecture_config(model_cfg: DictConfig, attn_implementation: str | None =
     return config
 
 
-def build_random_model(model_cfg: DictConfig, attn_implementation: str, seed: int) -> Phi3VForCausalLM:
-    """A randomly initialised fp32 model of `model.architecture` (the same weights for the same seed)."""
+def build_random_model(model_cfg: DictConfig, attn_implementation: str, seed: int,
+                       device: torch.device | str = "cpu") -> Phi3VForCausalLM:
+    """A randomly initialised fp32 model of `model.architecture`, built on `device` (the same weights for the same
+    seed on the same device)."""
     config = architecture_config(model_cfg)
     torch.manual_seed(seed)
-    return Phi3VForCausalLM._from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
+    with torch.device(device):
+        return Phi3VForCausalLM._from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
 
 
 @dataclass(frozen=True)

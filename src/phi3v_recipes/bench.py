@@ -19,6 +19,8 @@ Both compute the mean loss over all supervised tokens of the step (`num_items_in
 weights are the master weights of full fine-tuning; LoRA adapters are fp32 over frozen bf16 / 4-bit weights).
 `first_loss` of each path is its loss on the first step's samples at the initial weights (before any update).
 
+Micro-batches are built one at a time (as a DataLoader hands them over; building them is off the clock) and the
+clock runs over the forward and backward passes and the optimizer step.
 Reported per path: samples/s (median, min, max over the measured steps), tokens/s (median), padding fraction
 (padding tokens / tokens processed), peak memory (CPU: the process's resident set sampled during the path's steps,
 after returning freed heap pages to the OS; GPU: `torch.cuda.max_memory_allocated`, both include the shared model
@@ -194,22 +196,26 @@ def all_crops_through_clip(model: torch.nn.Module, enabled: bool) -> Iterator[No
 # ---- batches -----------------------------------------------------------------------------------------------------
 
 
-def make_batches(path: str, features: list[dict], cfg: DictConfig, pad_token_id: int) -> list[dict]:
-    """The micro-batches of one optimizer step: packed rows (ours) or one sample each (the cookbook)."""
+def micro_batches(path: str, samples: list, cfg: DictConfig, pad_token_id: int, vocab_size: int,
+                  device: torch.device) -> Iterator[dict]:
+    """The micro-batches of one optimizer step, built one at a time as a DataLoader hands them over: packed rows of
+    `train.batch_size` rows (ours), or one sample each (the cookbook)."""
     from phi3v_recipes.data.batching import pack_rows
     from phi3v_recipes.data.collate import PackingCollator, PaddingCollator
 
+    singles = [[i] for i in range(len(samples))]
     if path == "baseline":
-        collate = PaddingCollator(pad_token_id)
-        return [collate([f]) for f in features]
-    lengths = [f["input_ids"].shape[0] for f in features]
-    if cfg.data.packing:
-        rows = pack_rows(lengths, cfg.data.max_tokens_per_row)
-        collate: Any = PackingCollator(flash_kwargs=cfg.model.attn_implementation.startswith("flash"))
+        groups, collate = singles, PaddingCollator(pad_token_id)
     else:
-        rows, collate = [[i] for i in range(len(features))], PaddingCollator(pad_token_id)
-    k = int(cfg.train.batch_size)
-    return [collate([features[i] for r in rows[j : j + k] for i in r]) for j in range(0, len(rows), k)]
+        if cfg.data.packing:
+            rows = pack_rows([s.length for s in samples], cfg.data.max_tokens_per_row)
+            collate: Any = PackingCollator(flash_kwargs=cfg.model.attn_implementation.startswith("flash"))
+        else:
+            rows, collate = singles, PaddingCollator(pad_token_id)
+        k = int(cfg.train.batch_size)
+        groups = [[i for r in rows[j : j + k] for i in r] for j in range(0, len(rows), k)]
+    for group in groups:
+        yield _to(collate([samples[i].tensors(vocab_size) for i in group]), device)
 
 
 def _to(batch: dict, device: torch.device) -> dict:
@@ -272,59 +278,56 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     paths = [TrainingPath(name, cfg) for name in (PATHS if cfg.baseline == "cookbook" else PATHS[:1])]
     memory = {p.name: PeakMemory(device) for p in paths}
 
-    def features_of(chosen: list) -> list[dict]:
-        return [s.tensors(config.vocab_size) for s in chosen]
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
-    def forward_backward(path: TrainingPath, batches: list[dict], num_items: int, train: bool) -> float:
+    def forward_backward(path: TrainingPath, chosen: list, num_items: int, train: bool) -> tuple[float, float, int]:
+        """Loss of the step, seconds of compute (building the micro-batches is the data loader's work, off the
+        clock), and tokens processed (padding included)."""
         set_attention(model, path.attn)
-        total = torch.zeros((), device=device)
+        total, seconds, processed = torch.zeros((), device=device), 0.0, 0
         with all_crops_through_clip(model, path.all_crops):
-            for batch in batches:
+            for batch in micro_batches(path.name, chosen, cfg, pad, config.vocab_size, device):
+                processed += batch["input_ids"].numel()
+                sync()
+                start = time.perf_counter()
                 with autocast, (contextlib.nullcontext() if train else torch.no_grad()):
                     out = model(**batch, num_items_in_batch=num_items, supervised_logits=path.supervised,
                                 use_cache=False)
                 if train:
                     out.loss.backward()
                 total += out.loss.detach().float()
-        return float(total)
+                sync()
+                seconds += time.perf_counter() - start
+                del out, batch  # one micro-batch resident at a time, as in training
+        return float(total), seconds, processed
 
     # first_loss: each path's loss on the first step's samples at the initial weights
     first = step_samples(0)
-    first_items = sum(s.supervised for s in first)
-    feats = features_of(first)
     for path in paths:
-        batches = [_to(b, device) for b in make_batches(path.name, feats, cfg, pad)]
-        path.first_loss = forward_backward(path, batches, first_items, train=False)
-    del feats
+        path.first_loss = forward_backward(path, first, sum(s.supervised for s in first), train=False)[0]
 
     for step in range(total_steps):
         chosen = step_samples(step)
-        feats = features_of(chosen)
         num_items = sum(s.supervised for s in chosen)
         real_tokens = sum(s.length for s in chosen)
-        order = paths if step % 2 == 0 else paths[::-1]
-        for path in order:
-            batches = [_to(b, device) for b in make_batches(path.name, feats, cfg, pad)]
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+        for path in paths if step % 2 == 0 else paths[::-1]:
             with memory[path.name].measure():
+                _, elapsed, processed = forward_backward(path, chosen, num_items, train=True)
+                sync()
                 start = time.perf_counter()
-                forward_backward(path, batches, num_items, train=True)
                 if cfg.optim.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                elapsed = time.perf_counter() - start
+                sync()
+                elapsed += time.perf_counter() - start
             if step >= bench.warmup_steps:
                 path.times.append(elapsed)
                 path.tokens.append(real_tokens)
-                processed = sum(b["input_ids"].numel() for b in batches)
                 path.padding[0] += processed - real_tokens
                 path.padding[1] += processed
-            del batches
-        del feats
 
     measured = [s for step in range(bench.warmup_steps, total_steps) for s in step_samples(step)]
     flops = [sample_flops(config, s) for s in measured]

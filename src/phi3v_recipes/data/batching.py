@@ -19,6 +19,10 @@ one per-device micro-batch. Their order is a pure function of `(seed, epoch)`, s
 - `padding_fraction(batches, lengths)`: share of the tokens of right-padded batches that is padding.
 - `row_fill(rows, lengths, max_tokens)`: share of the packed rows' token budget that holds sample tokens.
 
+Under DDP, when the micro-batches of an epoch do not divide evenly among the ranks, accelerate gives the last ranks
+the epoch's first micro-batches again (every rank takes the same number of steps). A packed row can exceed its
+budget only when data.on_error=skip replaced a sample that failed while training by a longer one.
+
 Both samplers take `epoch_fn`, a callable returning the current epoch, read when an epoch's iteration starts
 (the recipe's trainer passes its state's epoch, which is right after a resume as well); without it, `set_epoch`
 sets the epoch.

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from phi3v_recipes.config import ConfigError
 from phi3v_recipes.data.encode import IGNORE_INDEX
 
 __all__ = ["PackingCollator", "PaddingCollator", "build_collator"]
@@ -34,7 +35,7 @@ Feature = dict[str, Any]
 
 
 def _problems(features: list[Feature]) -> dict[str, Any] | None:
-    """`{"error": ...}` when a feature is an error, else None; `_skipped` gathers the skip reports."""
+    """`{"error": ...}` when a feature is an error, else None."""
     for feature in features:
         if "error" in feature:
             return {"error": feature["error"]}
@@ -108,7 +109,12 @@ class PackingCollator:
 
 
 def build_collator(data_cfg: Any, pad_token_id: int, attn_implementation: str) -> PaddingCollator | PackingCollator:
-    """The training collator `data.packing` asks for (flash-attention's varlen arguments with flash_attention_2)."""
+    """The training collator `data.packing` asks for (flash-attention's varlen arguments with flash_attention_2);
+    ConfigError for an unusable token budget."""
     if data_cfg.get("packing", False):
+        budget = data_cfg.get("max_tokens_per_row")
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+            raise ConfigError(f"data.max_tokens_per_row={budget}: packing needs a positive whole number of tokens "
+                              "per row (e.g. 16384).")
         return PackingCollator(flash_kwargs=attn_implementation.startswith("flash_attention"))
     return PaddingCollator(pad_token_id)

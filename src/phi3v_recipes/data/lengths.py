@@ -2,12 +2,15 @@
 
 Row planning (packing, length-grouped batches) needs the length of every sample before training starts.
 `sample_length(sample, processor)` equals `len(encode_sample(sample, processor)["input_ids"])`: each image's size
-is read from its file header (`PIL.Image.open` reads the header only; the pixels are never decoded), turned into
+is read from its file header (`PIL.Image.open` reads the header only; the pixels are never decoded; an EXIF
+orientation that turns the image by 90 degrees swaps width and height, as reading it upright will), turned into
 its padded HD size and image-token count by the processor's formula, and the text is tokenized as `encode_sample`
 lays it out (one BOS at the start of the conversation, answers + `<|end|>\\n`, a closing `<|endoftext|>`).
 
 Public API:
-    image_size(ref) -> (width, height)            of an image reference (PIL image, path, or lazy loader)
+    image_size(ref, sample) -> (width, height)    of an image reference (PIL image, path, or a callable that
+                                                  opens one), EXIF orientation applied, from the header
+    upright_size(image) -> (width, height)        of an opened PIL image, EXIF orientation applied
     sample_length(sample, processor) -> int       tokens of one encoded sample, image tokens included
     sample_lengths(samples, processor) -> list    the same for a list of samples
     dataset_lengths(dataset) -> list[int]         `dataset.lengths` when it has them, else computed from
@@ -16,41 +19,41 @@ Public API:
 
 import re
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from phi3v_recipes.data.encode import prompt_text, user_content
-from phi3v_recipes.data.sample import ImageRef, Sample, SampleError, load_image
+from phi3v_recipes.data.sample import ImageRef, Sample, SampleError
 from phi3v_recipes.model.processing_phi3v import END_TOKEN, IMAGE_TAG_PATTERN
 
-__all__ = ["dataset_lengths", "image_size", "sample_length", "sample_lengths"]
+__all__ = ["dataset_lengths", "image_size", "sample_length", "sample_lengths", "upright_size"]
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of an opened image once its EXIF orientation is applied (as `load_image` applies it),
+    read from the header: Pillow's base `getexif` reads the metadata already parsed, never the pixels (PNG's own
+    override would decode the image to look for a late eXIf chunk)."""
+    width, height = image.size
+    orientation = Image.Image.getexif(image).get(ExifTags.Base.Orientation, 1)
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
 def image_size(ref: ImageRef, sample: Sample) -> tuple[int, int]:
-    """(width, height) of an image reference, from the file header only where the reference is a path.
+    """(width, height) of an image reference as training will see it, from the file header only.
 
-    A lazy loader (a callable, e.g. a dataset row) is asked for `header_size()` when it offers one; otherwise it is
-    called (which decodes the image). Missing or unreadable files raise SampleError naming the sample.
+    A PIL image gives its size; a path, or a callable (e.g. a dataset row that opens its image), is opened without
+    decoding the pixels and measured upright. Missing or unreadable files raise SampleError naming the sample.
     """
     if isinstance(ref, Image.Image):
         return ref.size
-    if isinstance(ref, (str, Path)):
-        try:
-            with Image.open(ref) as image:  # reads the header; pixels stay on disk
-                return image.size
-        except FileNotFoundError:
-            raise SampleError(f"{sample.where}: image {ref} does not exist; fix the path or the image root.") from None
-        except (UnidentifiedImageError, OSError) as err:
-            raise SampleError(f"{sample.where}: image {ref} cannot be read ({err}); replace or drop it.") from None
-    header_size = getattr(ref, "header_size", None)
-    if callable(header_size):
-        try:
-            return tuple(header_size())
-        except (UnidentifiedImageError, OSError) as err:
-            raise SampleError(f"{sample.where}: image {ref} cannot be read ({err}); replace or drop it.") from None
-    return load_image(ref, sample).size
+    try:
+        with ref() if callable(ref) else Image.open(ref) as image:  # reads the header; pixels stay undecoded
+            return upright_size(image)
+    except FileNotFoundError:
+        raise SampleError(f"{sample.where}: image {ref} does not exist; fix the path or the image root.") from None
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise SampleError(f"{sample.where}: image {ref} cannot be read ({err}); replace or drop it.") from None
 
 
 def sample_length(sample: Sample, processor: Any) -> int:

@@ -195,6 +195,11 @@ class Phi3VPreTrainedModel(Phi3PreTrainedModel):
             init.copy_(module.position_ids, torch.arange(module.num_positions).expand((1, -1)))
 
 
+def is_packed(position_ids: torch.Tensor | None) -> bool:
+    """True when `position_ids` restart inside a row: several samples packed end to end."""
+    return position_ids is not None and position_ids.shape[-1] > 1 and bool((position_ids[..., 1:] == 0).any())
+
+
 class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
     """Phi-3 decoder whose input embeddings carry image features at the image positions."""
 
@@ -260,11 +265,6 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
             use_cache=use_cache,
             **kwargs,
         )
-
-
-def is_packed(position_ids: torch.Tensor | None) -> bool:
-    """True when `position_ids` restart inside a row: several samples packed end to end."""
-    return position_ids is not None and position_ids.shape[-1] > 1 and bool((position_ids[..., 1:] == 0).any())
 
 
 def _liger_fused_linear_cross_entropy():
@@ -376,9 +376,10 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):
         hidden, targets = hidden_states[keep], shift_labels[keep]
         reduction = "sum" if num_items_in_batch is not None else "mean"
         fused = _liger_fused_linear_cross_entropy() if hidden.is_cuda and type(self.lm_head) is nn.Linear else None
-        if fused is not None:
-            loss = fused(hidden, self.lm_head.weight, targets, ignore_index=ignore_index, reduction=reduction)
-            loss = loss[0] if isinstance(loss, tuple) else loss
+        if fused is not None:  # the head's matmul and the cross-entropy in chunks, never all logits at once
+            weight = self.lm_head.weight.to(hidden.dtype)  # e.g. fp32 master weights under bf16 autocast
+            loss = fused(hidden, weight, targets, ignore_index=ignore_index, reduction=reduction)
+            loss = loss[0] if isinstance(loss, tuple) else getattr(loss, "loss", loss)
         else:
             logits = self.lm_head(hidden).float()
             loss = nn.functional.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction)

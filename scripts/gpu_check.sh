@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # scripts/gpu_check.sh [results.json]: every GPU check of phi3v-recipes on one CUDA machine, one results file.
 #
-#   1. installs the GPU extras into the active Python (.venv/bin/python if present): DeepSpeed, bitsandbytes,
+#   1. installs the GPU extras into the active Python (.venv/bin/python if present): DeepSpeed, bitsandbytes, Liger,
 #      flash-attn (built against the installed torch; skipped with a note when it cannot be built or fetched);
 #   2. runs the GPU-only tests (tests/test_gpu.py, marker `gpu`): flash-attention 2 vs sdpa logits in bf16, packed
 #      rows through flash-attention's varlen path vs unpacked samples, a bf16 training run per strategy (full and
@@ -31,8 +31,8 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHO
 
 # 1. GPU extras
 if [ "${SKIP_INSTALL:-0}" != 1 ]; then
-  "$PY" -m pip install -e ".[deepspeed,qlora]" >"$DIR/install.log" 2>&1 \
-    || echo "warning: installing deepspeed/bitsandbytes failed (see $DIR/install.log)"
+  "$PY" -m pip install -e ".[deepspeed,qlora,liger]" >"$DIR/install.log" 2>&1 \
+    || echo "warning: installing deepspeed/bitsandbytes/liger-kernel failed (see $DIR/install.log)"
   "$PY" -m pip install "flash-attn>=2.6" --no-build-isolation >>"$DIR/install.log" 2>&1 \
     || echo "warning: flash-attn could not be installed (see $DIR/install.log): flash tests skip, bench uses sdpa"
 fi

@@ -27,7 +27,8 @@ def test_bench_smoke_run_on_tiny_writes_both_paths(tmp_path):
     for path in (ours, base):
         speed = path["samples_per_s"]
         assert speed["min"] <= speed["median"] <= speed["max"]
-        assert path["tokens_per_s"] > 0 and path["peak_memory_mb"] > 0 and path["mfu"] is None  # CPU: no MFU
+        assert path["tokens_per_s"] > 0 and path["mfu"] is None  # CPU: no MFU
+        assert 0 < path["peak_memory_mb"] < path["peak_rss_mb"]  # above the interpreter's own resident set
         assert abs(path["first_loss"] - ours["first_loss"]) <= 1e-4 * abs(ours["first_loss"])
     assert ours["packing"] and ours["supervised_logits"] and not ours["clip_on_padding_crops"]
     assert not base["packing"] and not base["supervised_logits"] and base["clip_on_padding_crops"]

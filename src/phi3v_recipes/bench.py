@@ -22,9 +22,11 @@ weights are the master weights of full fine-tuning; LoRA adapters are fp32 over 
 Micro-batches are built one at a time (as a DataLoader hands them over; building them is off the clock) and the
 clock runs over the forward and backward passes and the optimizer step.
 Reported per path: samples/s (median, min, max over the measured steps), tokens/s (median), padding fraction
-(padding tokens / tokens processed), peak memory (CPU: the process's resident set sampled during the path's steps,
-after returning freed heap pages to the OS; GPU: `torch.cuda.max_memory_allocated`, both include the shared model
-and optimizer state, which either path alone needs as well), first loss, and on GPU the MFU: model FLOPs per sample
+(padding tokens / tokens processed), peak memory (`peak_memory_mb`: on GPU `torch.cuda.max_memory_allocated`; on
+CPU the process's resident set sampled every millisecond during the path's steps, after freed heap pages went back
+to the OS, minus the resident set of the interpreter and its libraries measured before the model was built, so that,
+like CUDA's figure, it counts the model, optimizer state, batches and activations; the raw resident set is
+`peak_rss_mb`. Both include the shared model and optimizer state, which either path alone needs as well), first loss, and on GPU the MFU: model FLOPs per sample
 (`flops.py`) x samples/s / the bf16 matmul rate measured here.
 """
 
@@ -69,8 +71,14 @@ def _trim_heap() -> None:
 class PeakMemory:
     """Peak memory during a block: CUDA's allocator peak on a GPU, else the resident set sampled every ms."""
 
-    def __init__(self, device: torch.device):
-        self.device, self.peak = device, 0
+    def __init__(self, device: torch.device, floor: int = 0):
+        self.device, self.peak, self.floor = device, 0, floor
+
+    @property
+    def peak_mb(self) -> float:
+        """Peak above the floor: on CPU the resident set beyond the interpreter and its libraries (the CPU
+        counterpart of CUDA's allocator peak, which counts tensors only)."""
+        return (self.peak - self.floor) / 2**20
 
     @contextlib.contextmanager
     def measure(self) -> Iterator[None]:
@@ -268,6 +276,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         n = bench.samples_per_step
         return [samples[(step * n + j) % len(samples)] for j in range(n)]
 
+    # CPU: the resident set of the interpreter and its libraries, before any model tensor exists
+    floor = _rss_bytes() if device.type == "cpu" else 0
     model = build_model(cfg, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
@@ -276,7 +286,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 and cfg.hardware.precision == "bf16" else contextlib.nullcontext())
     pad = config.pad_token_id
     paths = [TrainingPath(name, cfg) for name in (PATHS if cfg.baseline == "cookbook" else PATHS[:1])]
-    memory = {p.name: PeakMemory(device) for p in paths}
+    memory = {p.name: PeakMemory(device, floor) for p in paths}
 
     def sync() -> None:
         if device.type == "cuda":
@@ -354,7 +364,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "samples_per_s": {"median": median, "min": min(speeds), "max": max(speeds)},
             "tokens_per_s": statistics.median(tokens_per_s),
             "padding_fraction": path.padding[0] / path.padding[1] if path.padding[1] else 0.0,
-            "peak_memory_mb": memory[path.name].peak / 2**20,
+            "peak_memory_mb": memory[path.name].peak_mb,
+            "peak_rss_mb": memory[path.name].peak / 2**20 if device.type == "cpu" else None,
             "first_loss": path.first_loss,
             "mfu": per_sample["total"] * median / (rate * 1e12) if rate else None,
         }
@@ -392,6 +403,7 @@ def table(result: dict[str, Any]) -> str:
     row("tokens/s", ".0f", lambda r: r["tokens_per_s"])
     row("padding fraction", ".4f", lambda r: r["padding_fraction"])
     row("peak memory (MB)", ".0f", lambda r: r["peak_memory_mb"])
+    row("peak RSS (MB, CPU)", ".0f", lambda r: r["peak_rss_mb"])
     row("first loss", ".6f", lambda r: r["first_loss"])
     row("MFU", ".3f", lambda r: r["mfu"])
     if "speedup" in result:

@@ -6,7 +6,7 @@ stream of synthetic samples with the workload's shape (`workload.py`). Optimizer
 paths (the order flips every step), each step consuming the same `bench.samples_per_step` samples:
 
 - **ours**: the recipe's training path as configured: samples packed into padding-free rows of at most
-  `data.max_tokens_per_row` tokens (`data/batching.py` `pack_rows`, `data/collate.py` `PackingCollator`; with
+  `data.max_tokens_per_row` tokens (null: the workload's longest sample) (`data/batching.py` `pack_rows`, `data/collate.py` `PackingCollator`; with
   flash-attention its variable-length arguments), `train.batch_size` rows per micro-batch, supervised-only logits
   (`train.supervised_logits`), CLIP on the real crops only, the hardware profile's attention;
 - **baseline** (`baseline=cookbook`): the cookbook's way: one sample per micro-batch with gradient accumulation,
@@ -204,7 +204,12 @@ def all_crops_through_clip(model: torch.nn.Module, enabled: bool) -> Iterator[No
 # ---- batches -----------------------------------------------------------------------------------------------------
 
 
-def micro_batches(path: str, samples: list, cfg: DictConfig, pad_token_id: int, vocab_size: int,
+def row_budget(cfg: DictConfig, samples: list) -> int:
+    """Token budget of ours' packed rows: `data.max_tokens_per_row`, or (null) the longest sample given."""
+    return int(cfg.data.max_tokens_per_row or max(s.length for s in samples))
+
+
+def micro_batches(path: str, samples: list, cfg: DictConfig, budget: int, pad_token_id: int, vocab_size: int,
                   device: torch.device) -> Iterator[dict]:
     """The micro-batches of one optimizer step, built one at a time as a DataLoader hands them over: packed rows of
     `train.batch_size` rows (ours), or one sample each (the cookbook)."""
@@ -216,7 +221,7 @@ def micro_batches(path: str, samples: list, cfg: DictConfig, pad_token_id: int, 
         groups, collate = singles, PaddingCollator(pad_token_id)
     else:
         if cfg.data.packing:
-            rows = pack_rows([s.length for s in samples], cfg.data.max_tokens_per_row)
+            rows = pack_rows([s.length for s in samples], budget)
             collate: Any = PackingCollator(flash_kwargs=cfg.model.attn_implementation.startswith("flash"))
         else:
             rows, collate = singles, PaddingCollator(pad_token_id)
@@ -285,6 +290,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 and cfg.hardware.precision == "bf16" else contextlib.nullcontext())
     pad = config.pad_token_id
+    budget = row_budget(cfg, samples)
     paths = [TrainingPath(name, cfg) for name in (PATHS if cfg.baseline == "cookbook" else PATHS[:1])]
     memory = {p.name: PeakMemory(device, floor) for p in paths}
 
@@ -298,7 +304,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         set_attention(model, path.attn)
         total, seconds, processed = torch.zeros((), device=device), 0.0, 0
         with all_crops_through_clip(model, path.all_crops):
-            for batch in micro_batches(path.name, chosen, cfg, pad, config.vocab_size, device):
+            for batch in micro_batches(path.name, chosen, cfg, budget, pad, config.vocab_size, device):
                 processed += batch["input_ids"].numel()
                 sync()
                 start = time.perf_counter()
@@ -348,7 +354,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "hardware": cfg.hardware.name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(), "samples_per_step": bench.samples_per_step, "steps": bench.steps,
         "warmup_steps": bench.warmup_steps, "num_crops": cfg.data.num_crops,
-        "max_tokens_per_row": cfg.data.max_tokens_per_row if cfg.data.packing else None,
+        "max_tokens_per_row": budget if cfg.data.packing else None,
         "mean_sample_tokens": round(statistics.fmean(s.length for s in measured), 1),
         "model_flops_per_sample": per_sample["total"], "flop_shares_percent": {
             k: round(v, 1) for k, v in shares(per_sample).items()},

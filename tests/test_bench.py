@@ -59,3 +59,26 @@ def test_cookbook_baseline_runs_clip_on_padding_crops_without_changing_outputs()
     assert seen == [sum(sample.real_crops), 2 * 5, sum(sample.real_crops)]
     torch.testing.assert_close(cookbook, ours, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(again, ours, rtol=0, atol=0)
+
+
+def _mean_shares(model: str, samples: list) -> dict:
+    from phi3v_recipes.flops import sample_flops, shares
+    from phi3v_recipes.model.architecture import architecture_config
+
+    config = architecture_config(OmegaConf.load(ROOT / f"conf/model/{model}.yaml"))
+    mean = {k: sum(sample_flops(config, s)[k] for s in samples) / len(samples)
+            for k in ("clip", "lm_body", "lm_head", "total")}
+    return shares(mean)
+
+
+def test_docvqa_workload_has_the_seeds_length_and_small_keeps_the_real_flop_shares():
+    """The DocVQA-shaped workload averages the seed's 2443 tokens per sample (+-5%) at num_crops 16 with the real
+    144 tokens per crop, and model=small spends CLIP / LM body / LM head shares of its training FLOPs within 5 points
+    of the real-size model's on it."""
+    samples = draw_workload(OmegaConf.load(ROOT / "conf/workload/docvqa.yaml"), 16, 144, seed=0, samples=1000)
+    mean = sum(s.length for s in samples) / len(samples)
+    assert abs(mean / 2443 - 1) <= 0.05, mean
+    real, small = _mean_shares("phi3_5_vision", samples), _mean_shares("small", samples)
+    assert 20 < real["clip"] < 26 and 72 < real["lm_body"] < 78  # the issue's ~23 / ~75 / ~2
+    for part in ("clip", "lm_body", "lm_head"):
+        assert abs(small[part] - real[part]) <= 5, (part, small, real)

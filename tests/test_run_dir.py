@@ -1,6 +1,7 @@
 """The run directory records the truth: one job at a time, a resume trains what the record says or stops, a finished
 run is not trained again. Through `python -m phi3v_recipes` on the tiny demo, on CPU."""
 
+import json
 import subprocess
 import sys
 import time
@@ -23,10 +24,11 @@ def untouched(run_dir) -> dict:
 def test_resume_with_other_settings_stops_naming_them_and_a_longer_run_extends(tmp_path):
     """Resuming with settings that change what is trained (optim.lr, train.seed) stops with one sentence naming each
     key and both values, touching nothing; a longer train.max_steps (allowed) continues from the last checkpoint and
-    the record then says so; relaunching the finished run trains nothing and says so."""
+    the record then says so, reusing the untrained model's score of the first launch; relaunching the finished run
+    trains nothing and says so."""
     run_dir = tmp_path / "run"
     base = [*RUN, "train.max_steps=3", f"run.output_dir={run_dir}"]
-    first = run_cli(base, cwd=tmp_path)
+    first = run_cli([*base, "eval.before=true"], cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     before = untouched(run_dir)
 
@@ -40,9 +42,12 @@ def test_resume_with_other_settings_stops_naming_them_and_a_longer_run_extends(t
     assert again.returncode == 0 and "holds a finished run (metrics.json): nothing to train" in again.stdout
     assert untouched(run_dir) == before
 
-    longer = run_cli([*RUN, "train.max_steps=5", f"run.output_dir={run_dir}"], cwd=tmp_path)
+    longer = run_cli([*RUN, "train.max_steps=5", "eval.before=true", f"run.output_dir={run_dir}"], cwd=tmp_path)
     assert longer.returncode == 0, longer.stderr[-3000:]
     assert read_metrics(run_dir)["global_steps"] == 5
+    assert "as measured by the first launch of this run" in (run_dir / "train.log").read_text()
+    previous = json.loads((run_dir / "metrics.previous.json").read_text())
+    assert read_metrics(run_dir)["eval_before"] == previous["eval_before"] is not None
     assert OmegaConf.load(run_dir / "config.yaml").train.max_steps == 5
     assert (run_dir / "metrics.previous.json").is_file()
     assert "resuming with changed settings: train.max_steps: 3 -> 5" in (run_dir / "train.log").read_text()

@@ -38,7 +38,7 @@ from phi3v_recipes.config import (
 from phi3v_recipes.data.check import screen
 from phi3v_recipes.data.collate import build_collator
 from phi3v_recipes.data.dataset import EncodedDataset
-from phi3v_recipes.data.sample import SampleError
+from phi3v_recipes.data.sample import Sample, SampleError
 from phi3v_recipes.data.tasks import load_split
 from phi3v_recipes.evaluation import evaluate
 from phi3v_recipes.files import atomic_write_text
@@ -198,7 +198,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             log.info("%s: %s = %.4f on %d samples", name, metric, metrics[name], len(eval_samples))
 
     if cfg.eval.before:
-        run_eval("eval_before", model)
+        earlier = earlier_score(run_dir / "eval_before_predictions.jsonl", eval_samples) if resume else None
+        if earlier is None:
+            run_eval("eval_before", model)
+        else:  # the untrained model's score does not change when a run resumes: an earlier launch measured it
+            metrics["eval_before"] = earlier
+            log.info("eval_before: %s = %.4f, as measured by the first launch of this run", metric, earlier)
 
     set_supervised_logits(model, cfg.train.supervised_logits)
     stop_signals = StopSignals(cfg.run.stop_signals)  # before the DataLoader forks its workers
@@ -249,6 +254,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         print(summary(metrics), flush=True)
         log_to_files(summary(metrics))
     return metrics
+
+
+def earlier_score(predictions: Path, samples: list[Sample]) -> float | None:
+    """The score an earlier launch wrote to `predictions` for exactly these samples (same ids, same order), else
+    None."""
+    if not predictions.is_file() or not samples:
+        return None
+    rows = [json.loads(line) for line in predictions.read_text(encoding="utf-8").splitlines() if line]
+    if [row.get("id") for row in rows] != [s.id for s in samples]:
+        return None
+    return sum(row["score"] for row in rows) / len(rows)
 
 
 def read_skipped(run_dir: Path) -> list[str]:

@@ -1,8 +1,10 @@
 """The recipe: one training run of a composed config, from data to a saved, evaluated model.
 
-    validate config -> TrainingArguments (joins the process group) -> task samples -> processor
-    -> screen bad samples (data.on_error) -> model + strategy -> eval before -> Trainer.train
-    -> save model + processor -> eval after -> metrics.json + summary
+    validate config -> TrainingArguments (joins the process group)
+    -> open the run directory (lock, incomplete checkpoints out, resume point, the record: rundir.py)
+    -> task samples -> processor -> screen bad samples (data.on_error) -> model + strategy -> eval before
+    -> RecipeTrainer.train (guarded steps, atomic checkpoints; a stop signal saves and exits: trainer.py)
+    -> save model + processor (finite weights only) -> eval after -> metrics.json + summary
 
 The run directory ends with the final model (full weights, or the LoRA adapter) and processor files,
 `checkpoint-*` directories, `config.yaml` (the resolved config), `metrics.json`, predictions of each evaluation,
@@ -122,8 +124,6 @@ def open_run_dir(cfg: DictConfig, run_dir: Path, main: bool) -> tuple[RunLock | 
 
 
 def _open_run_dir(cfg: DictConfig, run_dir: Path) -> tuple[RunLock, str | None]:
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"run.output_dir={run_dir} is a file; give a directory (it is created if missing).")
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = RunLock(run_dir)
     lock.acquire()

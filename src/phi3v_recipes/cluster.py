@@ -1,4 +1,5 @@
-"""Slurm through the Hydra submitit launcher: each Slurm task is one rank of a DDP/DeepSpeed job.
+"""Which launch and which rank this process is: the run stamp of a launch, and Slurm through the Hydra submitit
+launcher, where each Slurm task is one rank of a DDP/DeepSpeed job.
 
     python -m phi3v_recipes -m hydra/launcher=slurm task=nlvr2 strategy=full hardware=a100 \
         hydra.launcher.partition=<partition>
@@ -19,6 +20,7 @@ its checkpoints there.
 import os
 import shutil
 import sys
+import time
 from typing import Any
 
 from hydra.experimental.callback import Callback
@@ -48,6 +50,34 @@ def export_distributed_env() -> None:
     _exported = True
 
 
+_stamp: str | None = None
+
+
+def run_stamp() -> str:
+    """A timestamp naming the run directory, identical on every rank of one torchrun launch.
+
+    Ranks start at slightly different times, so under torchrun the stamp is the start time of the launcher
+    (the parent process all local ranks share); PHI3V_RUN_STAMP overrides it (a multirun exports it for the jobs
+    it submits: cluster.SubmissionSetup). Across several nodes nothing else is shared: `config.validate` then asks for an
+    explicit run.output_dir. One process always gets the same stamp.
+    """
+    global _stamp
+    if stamp := os.environ.get("PHI3V_RUN_STAMP"):
+        return stamp
+    if _stamp is not None:
+        return _stamp
+    started = time.time()
+    if "LOCAL_RANK" in os.environ:
+        try:
+            import psutil
+
+            started = psutil.Process(os.getppid()).create_time()
+        except Exception:  # noqa: BLE001 - fall back to now; validate() still guards multi-node runs
+            pass
+    _stamp = time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(started))
+    return _stamp
+
+
 class SubmissionSetup(Callback):
     """Hydra callback (conf/train.yaml), run before a multirun launches its jobs: exports the run stamp its
     directories are named with, so that jobs started in other processes (submitit tasks, requeued jobs) inherit
@@ -55,8 +85,6 @@ class SubmissionSetup(Callback):
     no Slurm to submit to."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from phi3v_recipes.config import run_stamp
-
         os.environ["PHI3V_RUN_STAMP"] = run_stamp()
         launcher = str(config.hydra.launcher.get("_target_", ""))
         if launcher.endswith(".SlurmLauncher") and not (shutil.which("sbatch") and shutil.which("srun")):

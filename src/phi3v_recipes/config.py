@@ -9,7 +9,6 @@ import logging
 import math
 import os
 import sys
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from phi3v_recipes.cluster import export_distributed_env, in_submitit_job
+from phi3v_recipes.cluster import export_distributed_env, in_submitit_job, run_stamp
 
 STRATEGIES = ("full", "frozen_vision", "lora", "qlora")
 PRECISIONS = ("bf16", "fp16", "fp32")
@@ -94,34 +93,6 @@ def rank() -> int:
 def world_size() -> int:
     export_distributed_env()
     return int(os.environ.get("WORLD_SIZE", 1))
-
-
-_stamp: str | None = None
-
-
-def run_stamp() -> str:
-    """A timestamp naming the run directory, identical on every rank of one torchrun launch.
-
-    Ranks start at slightly different times, so under torchrun the stamp is the start time of the launcher
-    (the parent process all local ranks share); PHI3V_RUN_STAMP overrides it (a multirun exports it for the jobs
-    it submits: cluster.SubmissionSetup). Across several nodes nothing else is shared: `validate` then asks for an
-    explicit run.output_dir. One process always gets the same stamp.
-    """
-    global _stamp
-    if stamp := os.environ.get("PHI3V_RUN_STAMP"):
-        return stamp
-    if _stamp is not None:
-        return _stamp
-    started = time.time()
-    if "LOCAL_RANK" in os.environ:
-        try:
-            import psutil
-
-            started = psutil.Process(os.getppid()).create_time()
-        except Exception:  # noqa: BLE001 - fall back to now; validate() still guards multi-node runs
-            pass
-    _stamp = time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(started))
-    return _stamp
 
 
 def register_resolvers() -> None:

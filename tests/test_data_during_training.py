@@ -63,6 +63,9 @@ def runs(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_skip_replaces_a_sample_that_vanished_and_trains_on(runs, workers):
+    """Under data.on_error=skip, an image that the pre-training screen read but that is gone when the DataLoader
+    (in the main process or a worker) reads it: the sample is replaced, listed in skipped.txt with file:line and id
+    once per epoch, and the run finishes with every step and a saved model; no traceback."""
     jsonl, image, run_dir, out = runs[f"skip{workers}"]
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Traceback" not in out.stderr + out.stdout
@@ -78,6 +81,8 @@ def test_skip_replaces_a_sample_that_vanished_and_trains_on(runs, workers):
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_raise_stops_with_one_sentence_naming_the_sample(runs, workers):
+    """Under data.on_error=raise, the same vanished image stops the run with exit 2 and one `error:` sentence naming
+    the file, line and id, never a DataLoader-worker traceback; no final model or metrics are written."""
     jsonl, image, run_dir, out = runs[f"raise{workers}"]
     assert out.returncode == 2, out.stderr[-3000:]
     assert "Traceback" not in out.stderr + out.stdout

@@ -23,6 +23,7 @@ from phi3v_recipes.cluster import export_distributed_env, in_submitit_job, run_s
 STRATEGIES = ("full", "frozen_vision", "lora", "qlora")
 PRECISIONS = ("bf16", "fp16", "fp32")
 ATTENTION = ("eager", "sdpa", "flash_attention_2")
+ON_ERROR = ("raise", "skip")
 
 
 class ConfigError(ValueError):
@@ -235,6 +236,11 @@ class RunDirCheck(Callback):
             sys.exit(2)
 
 
+def check_on_error(on_error: Any) -> None:
+    """ConfigError unless `on_error` is one of ON_ERROR (data.on_error: what a bad sample does)."""
+    _require(on_error in ON_ERROR, f"data.on_error={on_error}: choose raise or skip.")
+
+
 def uses_deepspeed(cfg: DictConfig) -> bool:
     return bool(cfg.strategy.get("deepspeed")) and bool(cfg.hardware.deepspeed)
 
@@ -267,7 +273,7 @@ def validate(cfg: DictConfig, world: int | None = None) -> None:
     betas = cfg.optim.betas
     _require(OmegaConf.is_list(betas) and len(betas) == 2, f"optim.betas={betas}: give two numbers, [beta1, beta2].")
     check_settings(cfg)
-    _require(cfg.data.on_error in ("raise", "skip"), f"data.on_error={cfg.data.on_error}: choose raise or skip.")
+    check_on_error(cfg.data.on_error)
     _require(
         cfg.train.epochs > 0 or cfg.train.max_steps > 0,
         f"train.epochs={cfg.train.epochs} with train.max_steps={cfg.train.max_steps} trains nothing; set "

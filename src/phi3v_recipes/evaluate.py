@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from phi3v_recipes.config import (
     ConfigError,
     check_hardware,
+    check_on_error,
     check_settings,
     exit_on_user_error,
     output_dir,
@@ -33,8 +34,7 @@ def run(cfg: DictConfig) -> dict:
 
     check_settings(cfg, nullable=["data.num_crops"])
     check_hardware(cfg)
-    if cfg.data.on_error not in ("raise", "skip"):
-        raise ConfigError(f"data.on_error={cfg.data.on_error}: choose raise or skip.")
+    check_on_error(cfg.data.on_error)
     run_dir = output_dir(cfg)
     model, processor = load_for_inference(cfg)
     samples, problems = load_split(cfg.task, "eval")

@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from phi3v_recipes.config import check_on_error
 from phi3v_recipes.data.encode import too_long, user_content
 from phi3v_recipes.data.jsonl import read_jsonl
 from phi3v_recipes.data.lengths import sample_length
@@ -98,8 +99,7 @@ def screen(
 ) -> tuple[list[Sample], list[str]]:
     """(usable samples, problems). `errors` are problems found earlier (e.g. unparsable lines); images are read
     as training reads them (`max_pixels`: data.max_image_pixels)."""
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"data.on_error={on_error!r}: choose raise or skip.")
+    check_on_error(on_error)
     problems = list(errors)
     kept = []
     for sample in samples:

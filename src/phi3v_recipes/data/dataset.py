@@ -16,10 +16,9 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from phi3v_recipes.config import check_on_error
 from phi3v_recipes.data.encode import encode_sample
 from phi3v_recipes.data.sample import Sample, SampleError
-
-ON_ERROR = ("raise", "skip")
 
 
 class EncodedDataset(Dataset):
@@ -27,8 +26,7 @@ class EncodedDataset(Dataset):
 
     def __init__(self, samples: Sequence[Sample], processor: Any, max_length: int | None = None,
                  on_error: str = "raise", max_pixels: int | None = None):
-        if on_error not in ON_ERROR:
-            raise ValueError(f"data.on_error={on_error!r}: choose raise or skip.")
+        check_on_error(on_error)
         self.samples, self.processor = samples, processor
         self.max_length, self.on_error, self.max_pixels = max_length, on_error, max_pixels
 

@@ -21,10 +21,10 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from PIL import ExifTags, Image, UnidentifiedImageError
+from PIL import ExifTags, Image
 
 from phi3v_recipes.data.encode import prompt_text, user_content
-from phi3v_recipes.data.sample import ImageRef, Sample, SampleError, own_pixel_limit
+from phi3v_recipes.data.sample import ImageRef, Sample, SampleError, open_image
 from phi3v_recipes.model.processing_phi3v import END_TOKEN, IMAGE_TAG_PATTERN
 
 __all__ = ["dataset_lengths", "image_size", "sample_length", "sample_lengths", "upright_size"]
@@ -47,14 +47,9 @@ def image_size(ref: ImageRef, sample: Sample) -> tuple[int, int]:
     """
     if isinstance(ref, Image.Image):
         return ref.size
-    try:
-        # Reads the header; pixels stay undecoded. data.max_image_pixels is load_image's to enforce, not PIL's.
-        with own_pixel_limit(), (ref() if callable(ref) else Image.open(ref)) as image:
-            return upright_size(image)
-    except FileNotFoundError:
-        raise SampleError(f"{sample.where}: image {ref} does not exist; fix the path or the image root.") from None
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise SampleError(f"{sample.where}: image {ref} cannot be read ({err}); replace or drop it.") from None
+    # Reads the header; pixels stay undecoded. data.max_image_pixels is load_image's to enforce, not PIL's.
+    with open_image(ref, sample) as image:
+        return upright_size(image)
 
 
 def sample_length(sample: Sample, processor: Any, image_sizes: Sequence[Sequence[tuple[int, int]]] | None = None) -> int:

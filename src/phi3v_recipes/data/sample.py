@@ -56,7 +56,7 @@ class Sample:
 
 
 @contextmanager
-def own_pixel_limit() -> Iterator[None]:
+def _own_pixel_limit() -> Iterator[None]:
     """PIL's process-wide decompression-bomb limit off while one image is read: `load_image` checks its own limit
     (data.max_image_pixels) from the header instead, with a sentence rather than PIL's exception or warning.
     Images are read by one thread per process (the main process, or each DataLoader worker)."""
@@ -87,6 +87,21 @@ def to_rgb8(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else convert_image_to_rgb(image)
 
 
+@contextmanager
+def open_image(ref: Callable[[], Image.Image] | str | Path, sample: Sample) -> Iterator[Image.Image]:
+    """`ref` opened (header read, pixels not decoded until `load()`), with PIL's own pixel limit off; a missing or
+    unreadable image, found while opening or while using it in the block, raises SampleError naming the sample."""
+    try:
+        with _own_pixel_limit(), (ref() if callable(ref) else Image.open(ref)) as image:
+            yield image
+    except FileNotFoundError:
+        raise SampleError(f"{sample.where}: image {ref} does not exist; fix the path or the image root.") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        if isinstance(err, SampleError):
+            raise
+        raise SampleError(f"{sample.where}: image {ref} cannot be read ({err}); replace or drop it.") from None
+
+
 def load_image(
     ref: ImageRef, sample: Sample, max_pixels: int | None = None, notes: list[str] | None = None
 ) -> Image.Image:
@@ -95,25 +110,17 @@ def load_image(
     limit). Facts worth a user's attention (only the first frame of an animation is used) go to `notes`."""
     if isinstance(ref, Image.Image):
         return to_rgb8(ref)
-    try:
-        with own_pixel_limit(), (ref() if callable(ref) else Image.open(ref)) as image:
-            width, height = image.size
-            if max_pixels is not None and width * height > max_pixels:
-                raise SampleError(
-                    f"{sample.where}: image {ref} is {width}x{height} = {width * height} pixels, more than "
-                    f"data.max_image_pixels={max_pixels}; downscale it, raise data.max_image_pixels, or set "
-                    "data.on_error=skip to drop such samples."
-                )
-            frames = getattr(image, "n_frames", 1)
-            image.load()
-            if frames > 1 and notes is not None:
-                notes.append(f"{sample.where}: note: image {ref} is animated ({frames} frames); only its first frame "
-                             "is used.")
-            upright = ImageOps.exif_transpose(image)
-            return to_rgb8(upright)
-    except FileNotFoundError:
-        raise SampleError(f"{sample.where}: image {ref} does not exist; fix the path or the image root.") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        if isinstance(err, SampleError):
-            raise
-        raise SampleError(f"{sample.where}: image {ref} cannot be read ({err}); replace or drop it.") from None
+    with open_image(ref, sample) as image:
+        width, height = image.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise SampleError(
+                f"{sample.where}: image {ref} is {width}x{height} = {width * height} pixels, more than "
+                f"data.max_image_pixels={max_pixels}; downscale it, raise data.max_image_pixels, or set "
+                "data.on_error=skip to drop such samples."
+            )
+        frames = getattr(image, "n_frames", 1)
+        image.load()
+        if frames > 1 and notes is not None:
+            notes.append(f"{sample.where}: note: image {ref} is animated ({frames} frames); only its first frame "
+                         "is used.")
+        return to_rgb8(ImageOps.exif_transpose(image))

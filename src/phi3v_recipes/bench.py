@@ -48,6 +48,7 @@ from omegaconf import DictConfig
 
 from phi3v_recipes.config import ConfigError, check_hardware, exit_on_user_error, register_resolvers
 from phi3v_recipes.files import atomic_write_text
+from phi3v_recipes.strategy import apply_strategy, base_model
 
 register_resolvers()
 
@@ -129,7 +130,6 @@ def build_model(cfg: DictConfig, device: torch.device) -> torch.nn.Module:
     """The random model of `model.architecture` with the strategy applied, on `device`, in training mode."""
     from phi3v_recipes.loading import load_model
     from phi3v_recipes.model.architecture import build_random_model
-    from phi3v_recipes.strategy import apply_strategy
 
     attn = cfg.model.attn_implementation
     quantized = bool(cfg.strategy.get("quantization"))
@@ -155,14 +155,10 @@ def build_model(cfg: DictConfig, device: torch.device) -> torch.nn.Module:
     return model.train()
 
 
-def _base(model: torch.nn.Module) -> torch.nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def set_attention(model: torch.nn.Module, attn: str) -> None:
     from transformers.utils import logging
 
-    base = _base(model)
+    base = base_model(model)
     if base.config._attn_implementation != attn:
         verbosity = logging.get_verbosity()
         logging.set_verbosity_error()  # "sub-config vision_config set without its sub-model": it is ours, it is
@@ -179,7 +175,7 @@ def all_crops_through_clip(model: torch.nn.Module, enabled: bool) -> Iterator[No
     if not enabled:
         yield
         return
-    embedding = _base(model).model.vision_embed_tokens
+    embedding = base_model(model).model.vision_embed_tokens
     real_features, padding = embedding.crop_features, [0]
 
     def count_padding(module: Any, args: tuple, kwargs: dict) -> None:

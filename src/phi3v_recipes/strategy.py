@@ -95,8 +95,13 @@ def apply_strategy(model: torch.nn.Module, cfg: DictConfig) -> torch.nn.Module:
     return model
 
 
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The `Phi3VForCausalLM` inside a peft wrapper, or `model` itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _unused_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     unused = {id(m) for m in base.model.vision_embed_tokens.unused_vision_modules()}
     return [(name, m) for name, m in base.named_modules() if id(m) in unused]
 

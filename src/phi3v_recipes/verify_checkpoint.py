@@ -116,10 +116,10 @@ def expected_tensors(config: dict[str, Any], any_size: bool) -> dict[str, tuple[
     """{name: shape} of the official checkpoint for `config`: our module tree, built on the meta device, whose names
     are the reference's. The vision tower is CLIP ViT-L/14-336, as the reference code and vLLM build it, unless
     `any_size` (then the config's own `vision_config`)."""
-    import torch
     from transformers.utils import logging as hf_logging
 
-    from phi3v_recipes.model import Phi3VConfig, Phi3VForCausalLM
+    from phi3v_recipes.model import Phi3VConfig
+    from phi3v_recipes.model.architecture import meta_model
 
     fields = {k: v for k, v in config.items() if k not in ("auto_map", "quantization_config")}
     fields["_attn_implementation"] = "eager"
@@ -128,8 +128,7 @@ def expected_tensors(config: dict[str, Any], any_size: bool) -> dict[str, tuple[
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        with torch.device("meta"):
-            model = Phi3VForCausalLM(Phi3VConfig(**fields))
+        model = meta_model(Phi3VConfig(**fields))
     finally:
         hf_logging.set_verbosity(verbosity)
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_module
 
-from phi3v_recipes.config import register_resolvers
+from phi3v_recipes.cli import register_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
 

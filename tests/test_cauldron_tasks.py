@@ -19,12 +19,11 @@ from datasets import Image as ImageFeature
 from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 
-from phi3v_recipes.config import ConfigError
 from phi3v_recipes.data.cauldron import DatasetImage, load_cauldron, load_docvqa
 from phi3v_recipes.data.check import check_sample
 from phi3v_recipes.data.encode import encode_sample, user_content
-from phi3v_recipes.data.sample import SampleError
 from phi3v_recipes.data.tasks import LOADERS
+from phi3v_recipes.errors import ConfigError, SampleError
 from phi3v_recipes.model.tiny import build_tiny_processor
 from tests.conftest import compose_config, read_metrics, run_parallel
 

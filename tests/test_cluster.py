@@ -16,7 +16,9 @@ from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
-from phi3v_recipes.config import ConfigError, register_resolvers, validate
+from phi3v_recipes.cli import register_resolvers
+from phi3v_recipes.config import validate
+from phi3v_recipes.errors import ConfigError
 from tests.conftest import offline_env, read_metrics
 
 # 32 samples, global batch 16 = 2 ranks x 8, a checkpoint every 2 steps, no evaluation.

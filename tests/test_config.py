@@ -10,7 +10,8 @@ import torch
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
-from phi3v_recipes.config import ConfigError, gradient_accumulation, uses_deepspeed, validate
+from phi3v_recipes.config import gradient_accumulation, uses_deepspeed, validate
+from phi3v_recipes.errors import ConfigError
 from tests.conftest import ROOT, compose_config, run_cli
 
 TASKS = ("demo", "docvqa", "hateful_memes", "nlvr2", "ucf101", "jsonl")

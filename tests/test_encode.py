@@ -7,7 +7,8 @@ from PIL import Image
 from phi3v_recipes.data.check import count_tokens
 from phi3v_recipes.data.collate import PaddingCollator
 from phi3v_recipes.data.encode import IGNORE_INDEX, encode_sample, generation_prompt
-from phi3v_recipes.data.sample import Sample, SampleError, Turn
+from phi3v_recipes.data.sample import Sample, Turn
+from phi3v_recipes.errors import SampleError
 from phi3v_recipes.model.tiny import build_tiny_processor
 
 

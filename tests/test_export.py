@@ -210,7 +210,7 @@ def test_export_refuses_a_non_empty_output(tmp_path):
     or is overwritten."""
     from hydra import compose, initialize_config_module
 
-    from phi3v_recipes.config import ConfigError
+    from phi3v_recipes.errors import ConfigError
     from phi3v_recipes.export import run
 
     (tmp_path / "out").mkdir()

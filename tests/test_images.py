@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from phi3v_recipes.data.check import main
-from phi3v_recipes.data.sample import Sample, SampleError, Turn, load_image
+from phi3v_recipes.data.sample import Sample, Turn, load_image
+from phi3v_recipes.errors import SampleError
 
 DEFAULT_MAX_PIXELS = 89478485  # conf/train.yaml data.max_image_pixels
 SAMPLE = Sample(id="s1", turns=[Turn("What?", "x")], origin="train.jsonl:3")

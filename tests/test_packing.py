@@ -15,7 +15,6 @@ import torch
 from PIL import ExifTags, Image
 from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 
-from phi3v_recipes.config import ConfigError
 from phi3v_recipes.data.batching import (
     LengthGroupedBatchSampler,
     PackedBatchSampler,
@@ -27,6 +26,7 @@ from phi3v_recipes.data.collate import PackingCollator, PaddingCollator, build_c
 from phi3v_recipes.data.encode import encode_sample
 from phi3v_recipes.data.lengths import sample_length
 from phi3v_recipes.data.sample import Sample, Turn
+from phi3v_recipes.errors import ConfigError
 from phi3v_recipes.model.modeling_phi3v import Phi3VForCausalLM, set_supervised_logits
 from phi3v_recipes.model.tiny import build_tiny_processor, tiny_model_config
 from tests.conftest import SMALL_DEMO, run_cli

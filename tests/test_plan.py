@@ -6,7 +6,8 @@ import json
 import pytest
 from hydra import compose, initialize_config_module
 
-from phi3v_recipes.config import ConfigError, register_resolvers
+from phi3v_recipes.cli import register_resolvers
+from phi3v_recipes.errors import ConfigError
 from phi3v_recipes.plan import run
 from tests.conftest import run_cli
 

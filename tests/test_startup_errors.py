@@ -7,7 +7,8 @@ import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from phi3v_recipes.config import SETTINGS, ConfigError, validate
+from phi3v_recipes.config import SETTINGS, validate
+from phi3v_recipes.errors import ConfigError
 from tests.conftest import compose_config, run_parallel
 
 # (override, words of the sentence): at least one bad value for every row of config.SETTINGS

@@ -10,7 +10,7 @@ import os
 import hydra
 from omegaconf import DictConfig
 
-from phi3v_recipes.config import exit_on_user_error, register_resolvers
+from phi3v_recipes.cli import exit_on_user_error, register_resolvers
 
 register_resolvers()
 # The tokenizer runs in the main process before the DataLoader forks its workers: keep it single-threaded there.

@@ -46,7 +46,9 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from phi3v_recipes.config import ConfigError, check_hardware, exit_on_user_error, register_resolvers
+from phi3v_recipes.cli import exit_on_user_error, register_resolvers
+from phi3v_recipes.config import check_hardware
+from phi3v_recipes.errors import ConfigError
 from phi3v_recipes.files import atomic_write_text
 from phi3v_recipes.strategy import apply_strategy, base_model
 

@@ -21,6 +21,7 @@ import os
 import shutil
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
@@ -92,3 +93,64 @@ class SubmissionSetup(Callback):
                   "from a Slurm login node, or run on this machine with hydra/launcher=slurm_local.",
                   file=sys.stderr, flush=True)
             sys.exit(2)
+
+
+def rank() -> int:
+    export_distributed_env()  # a task of a multi-task submitit job learns its rank before Hydra names its logs
+    return int(os.environ.get("RANK", 0))
+
+
+def world_size() -> int:
+    export_distributed_env()
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def launch_overrides() -> list[str]:
+    """The command-line overrides of this job (in a sweep or a Slurm job too, where the process's own command line
+    is the launcher's)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
+
+
+def explicit_output_dir() -> bool:
+    """True when the user chose run.output_dir (the default embeds the launch stamp)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        HydraConfig.get()
+    except ValueError:
+        return True
+    return any(o.split("=", 1)[0].lstrip("+") == "run.output_dir" for o in launch_overrides())
+
+
+def resume_command(run_dir: Path) -> str:
+    """How to continue the run in `run_dir`: the same command, plus the directory when its name held a launch time
+    that a new launch would not reproduce."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        fixed = HydraConfig.get().mode == RunMode.MULTIRUN or explicit_output_dir()
+    except ValueError:
+        fixed = True
+    if fixed or "PHI3V_RUN_STAMP" in os.environ:
+        return "run the same command"
+    return f"run the same command with run.output_dir={run_dir}"
+
+
+def output_dir(cfg: DictConfig) -> Path:
+    """The run directory: run.output_dir, or in a sweep the job's own directory."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            return Path(hydra_cfg.runtime.output_dir)
+    except ValueError:
+        pass
+    return Path(cfg.run.output_dir)

@@ -1,114 +1,26 @@
-"""Configuration checks and resolvers: a composed config is validated before anything heavy happens.
+"""Configuration checks: a composed config is validated before anything heavy happens.
 
 A contradictory or impossible configuration stops with one sentence that says what to change (`ConfigError`),
 never a traceback from deep inside a library.
 """
 
 import importlib.util
-import logging
 import math
 import os
-import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from phi3v_recipes.cluster import export_distributed_env, in_submitit_job, run_stamp
+from phi3v_recipes.cluster import explicit_output_dir, in_submitit_job, output_dir, world_size
+from phi3v_recipes.errors import ConfigError, check_on_error
 
 STRATEGIES = ("full", "frozen_vision", "lora", "qlora")
 PRECISIONS = ("bf16", "fp16", "fp32")
 ATTENTION = ("eager", "sdpa", "flash_attention_2")
-ON_ERROR = ("raise", "skip")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message says what to change."""
-
-
-class RunStopped(Exception):
-    """A run that ends early on purpose, with one sentence and an exit code: it diverged (1), a checkpoint could not
-    be written (1), a stop signal was honoured after saving (128 + the signal), or it had already finished (0)."""
-
-    def __init__(self, message: str, exit_code: int = 1):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-    def __reduce__(self) -> tuple:  # keeps the exit code when broadcast to other ranks
-        return (type(self), (str(self), self.exit_code))
-
-
-T = TypeVar("T")
-
-
-def exit_on_user_error(run: Callable[[DictConfig], T], cfg: DictConfig) -> T:
-    """`run(cfg)`, where a mistake in the configuration or the data ends the process with exit code 2 and its one
-    `error:` sentence on stderr instead of a traceback (what every entrypoint does); a run that stops on purpose
-    (`RunStopped`) prints its sentence and exits with its code. Both sentences also go to the run's log. After a
-    successful run under torchrun, the ranks leave together: a rank that exits while another still uses the
-    process group can abort in the communication library's teardown."""
-    from phi3v_recipes.data.sample import SampleError
-
-    try:
-        result = run(cfg)
-    except (ConfigError, SampleError, FileNotFoundError) as err:
-        log_to_files(str(err), logging.ERROR)
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except RunStopped as stop:
-        log_to_files(str(stop), logging.INFO if stop.exit_code == 0 else logging.ERROR)
-        if stop.exit_code == 0:
-            print(stop, flush=True)
-        else:
-            print(f"error: {stop}" if stop.exit_code == 1 else f"stopped: {stop}", file=sys.stderr, flush=True)
-        sys.exit(stop.exit_code)
-    except KeyboardInterrupt:
-        print("interrupted (nothing is saved outside training: a run saves a checkpoint on Ctrl-C once training "
-              "has started)", file=sys.stderr, flush=True)
-        sys.exit(130)
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    return result
-
-
-def log_to_files(message: str, level: int = logging.INFO) -> None:
-    """`message` into the run's log files only (for what the console already shows once)."""
-    record = logging.getLogger("phi3v_recipes").makeRecord("phi3v_recipes", level, __file__, 0, message, None, None)
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.handle(record)
-
-
-def rank() -> int:
-    export_distributed_env()  # a task of a multi-task submitit job learns its rank before Hydra names its logs
-    return int(os.environ.get("RANK", 0))
-
-
-def world_size() -> int:
-    export_distributed_env()
-    return int(os.environ.get("WORLD_SIZE", 1))
-
-
-def register_resolvers() -> None:
-    """Resolvers the yaml files use (safe to call more than once)."""
-    resolvers = {
-        "phi3v_stamp": lambda: run_stamp(),
-        "phi3v_rank_zero": lambda value: value if rank() == 0 else None,
-        "phi3v_log_file": lambda: "train.log" if rank() == 0 else f"train.rank{rank()}.log",
-        "phi3v_console_level": lambda: "INFO" if rank() == 0 else "WARNING",
-        "multiply": lambda a, b: a * b,
-    }
-    for name, fn in resolvers.items():
-        if not OmegaConf.has_resolver(name):
-            # Cached: every job of a sweep, and every later resolution, sees the same stamp.
-            OmegaConf.register_new_resolver(name, fn, use_cache=name == "phi3v_stamp")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -224,23 +136,6 @@ def check_output_dir(path: str | Path, setting: str = "run.output_dir") -> None:
             return
 
 
-class RunDirCheck(Callback):
-    """Hydra callback: a run directory that cannot be one stops with one sentence (exit 2) before Hydra tries to
-    create it (its own error is a traceback)."""
-
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        try:
-            check_output_dir(config.hydra.run.dir)
-        except ConfigError as err:
-            print(f"error: {err}", file=sys.stderr, flush=True)
-            sys.exit(2)
-
-
-def check_on_error(on_error: Any) -> None:
-    """ConfigError unless `on_error` is one of ON_ERROR (data.on_error: what a bad sample does)."""
-    _require(on_error in ON_ERROR, f"data.on_error={on_error}: choose raise or skip.")
-
-
 def uses_deepspeed(cfg: DictConfig) -> bool:
     return bool(cfg.strategy.get("deepspeed")) and bool(cfg.hardware.deepspeed)
 
@@ -299,7 +194,7 @@ def validate(cfg: DictConfig, world: int | None = None) -> None:
     nodes = world // int(os.environ.get("LOCAL_WORLD_SIZE", world))
     _require(
         # a submitit job's directory comes resolved from its submission (cluster.py), the same on every node
-        nodes <= 1 or "PHI3V_RUN_STAMP" in os.environ or in_submitit_job() or _explicit_output_dir(),
+        nodes <= 1 or "PHI3V_RUN_STAMP" in os.environ or in_submitit_job() or explicit_output_dir(),
         "a run over several nodes needs one run directory on all of them: set run.output_dir=<shared path>.",
     )
 
@@ -330,54 +225,3 @@ def check_hardware(cfg: DictConfig) -> None:
         "flash attention is requested but flash-attn is not installed; pip install 'phi3v-recipes[flash]' (GPU "
         "only), or set model.attn_implementation=sdpa.",
     )
-
-
-def launch_overrides() -> list[str]:
-    """The command-line overrides of this job (in a sweep or a Slurm job too, where the process's own command line
-    is the launcher's)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return list(HydraConfig.get().overrides.task)
-    except ValueError:
-        return []
-
-
-def _explicit_output_dir() -> bool:
-    """True when the user chose run.output_dir (the default embeds the launch stamp)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        HydraConfig.get()
-    except ValueError:
-        return True
-    return any(o.split("=", 1)[0].lstrip("+") == "run.output_dir" for o in launch_overrides())
-
-
-def resume_command(run_dir: Path) -> str:
-    """How to continue the run in `run_dir`: the same command, plus the directory when its name held a launch time
-    that a new launch would not reproduce."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
-        fixed = HydraConfig.get().mode == RunMode.MULTIRUN or _explicit_output_dir()
-    except ValueError:
-        fixed = True
-    if fixed or "PHI3V_RUN_STAMP" in os.environ:
-        return "run the same command"
-    return f"run the same command with run.output_dir={run_dir}"
-
-
-def output_dir(cfg: DictConfig) -> Path:
-    """The run directory: run.output_dir, or in a sweep the job's own directory."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
-        hydra_cfg = HydraConfig.get()
-        if hydra_cfg.mode == RunMode.MULTIRUN:
-            return Path(hydra_cfg.runtime.output_dir)
-    except ValueError:
-        pass
-    return Path(cfg.run.output_dir)

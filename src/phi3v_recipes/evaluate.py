@@ -11,16 +11,10 @@ import json
 import hydra
 from omegaconf import DictConfig
 
-from phi3v_recipes.config import (
-    ConfigError,
-    check_hardware,
-    check_on_error,
-    check_settings,
-    exit_on_user_error,
-    output_dir,
-    rank,
-    register_resolvers,
-)
+from phi3v_recipes.cli import exit_on_user_error, register_resolvers
+from phi3v_recipes.cluster import output_dir, rank
+from phi3v_recipes.config import check_hardware, check_settings
+from phi3v_recipes.errors import ConfigError, check_on_error
 from phi3v_recipes.files import atomic_write_text
 
 register_resolvers()

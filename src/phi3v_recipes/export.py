@@ -24,7 +24,8 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from phi3v_recipes.config import ConfigError, exit_on_user_error, register_resolvers
+from phi3v_recipes.cli import exit_on_user_error, register_resolvers
+from phi3v_recipes.errors import ConfigError
 
 register_resolvers()
 log = logging.getLogger("phi3v_recipes.export")

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from phi3v_recipes.config import ConfigError
+from phi3v_recipes.errors import ConfigError
 from phi3v_recipes.loading import TINY, load_model, load_processor, local_device
 
 

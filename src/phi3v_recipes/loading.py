@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig
 from transformers import AutoModelForCausalLM
 
-from phi3v_recipes.config import ConfigError
+from phi3v_recipes.errors import ConfigError
 from phi3v_recipes.model import Phi3VForCausalLM, Phi3VProcessor
 from phi3v_recipes.model.tiny import TINY_NUM_IMG_TOKENS, build_tiny_processor, tiny_model_config
 from phi3v_recipes.strategy import quantization_config

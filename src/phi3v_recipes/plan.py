@@ -44,7 +44,9 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from phi3v_recipes.config import ConfigError, exit_on_user_error, register_resolvers, uses_deepspeed
+from phi3v_recipes.cli import exit_on_user_error, register_resolvers
+from phi3v_recipes.config import uses_deepspeed
+from phi3v_recipes.errors import ConfigError
 from phi3v_recipes.files import atomic_write_text
 
 register_resolvers()

@@ -15,14 +15,10 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from phi3v_recipes.config import (
-    ConfigError,
-    check_hardware,
-    check_settings,
-    exit_on_user_error,
-    register_resolvers,
-)
-from phi3v_recipes.data.sample import Sample, SampleError
+from phi3v_recipes.cli import exit_on_user_error, register_resolvers
+from phi3v_recipes.config import check_hardware, check_settings
+from phi3v_recipes.data.sample import Sample
+from phi3v_recipes.errors import ConfigError, SampleError
 
 register_resolvers()
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from phi3v_recipes.config import ConfigError, RunStopped
+from phi3v_recipes.errors import ConfigError, RunStopped
 from phi3v_recipes.files import atomic_write_text
 
 log = logging.getLogger(__name__)

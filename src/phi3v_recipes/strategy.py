@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from phi3v_recipes.config import ConfigError
+from phi3v_recipes.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -25,23 +25,15 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from transformers import TrainingArguments, set_seed
 
-from phi3v_recipes.config import (
-    ConfigError,
-    RunStopped,
-    gradient_accumulation,
-    launch_overrides,
-    log_to_files,
-    output_dir,
-    resume_command,
-    uses_deepspeed,
-    validate,
-    world_size,
-)
+from phi3v_recipes.cli import log_to_files
+from phi3v_recipes.cluster import launch_overrides, output_dir, resume_command, world_size
+from phi3v_recipes.config import gradient_accumulation, uses_deepspeed, validate
 from phi3v_recipes.data.check import screen
 from phi3v_recipes.data.collate import build_collator
 from phi3v_recipes.data.dataset import EncodedDataset
-from phi3v_recipes.data.sample import Sample, SampleError
+from phi3v_recipes.data.sample import Sample
 from phi3v_recipes.data.tasks import load_split
+from phi3v_recipes.errors import ConfigError, RunStopped, SampleError
 from phi3v_recipes.evaluation import evaluate
 from phi3v_recipes.files import atomic_write_text
 from phi3v_recipes.loading import TINY, load_model, load_processor, model_path, write_tiny_base

@@ -31,8 +31,8 @@ from torch.utils.data import DataLoader
 from transformers import Trainer
 from transformers.trainer_utils import rotate_checkpoints, seed_worker
 
-from phi3v_recipes.config import ConfigError, RunStopped, resume_command
-from phi3v_recipes.data.sample import SampleError
+from phi3v_recipes.cluster import resume_command
+from phi3v_recipes.errors import ConfigError, RunStopped, SampleError
 from phi3v_recipes.preemption import StopSignals
 from phi3v_recipes.rundir import CHECKPOINT_PREFIX, STAGING, checkpoints, record
 

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from phi3v_recipes.config import ConfigError
 from phi3v_recipes.data.encode import IGNORE_INDEX
+from phi3v_recipes.errors import ConfigError
 from phi3v_recipes.model.image_processing_phi3v import CROP_SIZE, hd_target_size, num_image_tokens
 
 __all__ = ["SyntheticSample", "draw_workload"]

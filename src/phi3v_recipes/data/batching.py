@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 from torch.utils.data import Sampler
 
-from phi3v_recipes.config import ConfigError
+from phi3v_recipes.errors import ConfigError
 
 __all__ = [
     "LengthGroupedBatchSampler",

@@ -55,8 +55,8 @@ import datasets
 import pyarrow.compute as pc
 from PIL import Image
 
-from phi3v_recipes.config import ConfigError
 from phi3v_recipes.data.sample import Sample, Turn
+from phi3v_recipes.errors import ConfigError
 
 Loaded = tuple[list[Sample], list[str]]
 

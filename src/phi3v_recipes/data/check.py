@@ -27,11 +27,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from phi3v_recipes.config import check_on_error
 from phi3v_recipes.data.encode import too_long, user_content
 from phi3v_recipes.data.jsonl import read_jsonl
 from phi3v_recipes.data.lengths import sample_length
-from phi3v_recipes.data.sample import Sample, SampleError, load_image
+from phi3v_recipes.data.sample import Sample, load_image
+from phi3v_recipes.errors import SampleError, check_on_error
 
 MAX_LISTED = 10
 

@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from phi3v_recipes.config import ConfigError
 from phi3v_recipes.data.encode import IGNORE_INDEX
+from phi3v_recipes.errors import ConfigError
 
 __all__ = ["PackingCollator", "PaddingCollator", "build_collator"]
 

@@ -16,9 +16,9 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from phi3v_recipes.config import check_on_error
 from phi3v_recipes.data.encode import encode_sample
-from phi3v_recipes.data.sample import Sample, SampleError
+from phi3v_recipes.data.sample import Sample
+from phi3v_recipes.errors import SampleError, check_on_error
 
 
 class EncodedDataset(Dataset):

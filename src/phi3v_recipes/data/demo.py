@@ -9,8 +9,8 @@ import random
 
 from PIL import Image, ImageDraw
 
-from phi3v_recipes.config import ConfigError
 from phi3v_recipes.data.sample import Sample, Turn
+from phi3v_recipes.errors import ConfigError
 
 COLORS = {
     "red": (220, 30, 30),

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from phi3v_recipes.data.sample import Sample, SampleError, load_image
+from phi3v_recipes.data.sample import Sample, load_image
+from phi3v_recipes.errors import SampleError
 from phi3v_recipes.model.processing_phi3v import END_TOKEN, ENDOFTEXT_TOKEN, IMAGE_TAG_PATTERN, image_tag
 
 IGNORE_INDEX = -100

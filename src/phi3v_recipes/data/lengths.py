@@ -24,7 +24,8 @@ from typing import Any
 from PIL import ExifTags, Image
 
 from phi3v_recipes.data.encode import prompt_text, user_content
-from phi3v_recipes.data.sample import ImageRef, Sample, SampleError, open_image
+from phi3v_recipes.data.sample import ImageRef, Sample, open_image
+from phi3v_recipes.errors import SampleError
 from phi3v_recipes.model.processing_phi3v import END_TOKEN, IMAGE_TAG_PATTERN
 
 __all__ = ["dataset_lengths", "image_size", "sample_length", "sample_lengths", "upright_size"]

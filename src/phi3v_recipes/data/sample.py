@@ -15,15 +15,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from phi3v_recipes.errors import SampleError
 from phi3v_recipes.model.image_processing_phi3v import convert_image_to_rgb
 
 ImageRef = Image.Image | str | Path | Callable[[], Image.Image]
 """An image, a path to one, or a callable that opens one (for dataset rows): it may return the image before its
 pixels are decoded (`Image.open`), so that its size is checked from the header first."""
-
-
-class SampleError(ValueError):
-    """A sample that cannot be used; the message names where it came from and what to do."""
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,11 @@ Each loader returns `(samples, problems)`: `problems` are inputs that could not 
 from collections.abc import Callable
 from typing import Any
 
-from phi3v_recipes.config import ConfigError
 from phi3v_recipes.data import demo
 from phi3v_recipes.data.cauldron import load_cauldron, load_docvqa
 from phi3v_recipes.data.jsonl import read_jsonl
 from phi3v_recipes.data.sample import Sample
+from phi3v_recipes.errors import ConfigError
 
 Loaded = tuple[list[Sample], list[str]]
 

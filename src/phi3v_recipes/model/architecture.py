@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from phi3v_recipes.config import ConfigError
+from phi3v_recipes.errors import ConfigError
 from phi3v_recipes.model.configuration_phi3v import Phi3VConfig
 from phi3v_recipes.model.modeling_phi3v import Phi3VForCausalLM
 from phi3v_recipes.model.tiny import tiny_model_config

@@ -1,0 +1,36 @@
+"""The exceptions that end a run with one sentence, and the `data.on_error` choice.
+
+Every module may import this one: it imports nothing heavier than the standard library, so data and model code
+raise `ConfigError` or `SampleError` without pulling in Hydra. The entrypoints turn them into exit codes
+(`cli.exit_on_user_error`).
+"""
+
+from typing import Any
+
+ON_ERROR = ("raise", "skip")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message says what to change."""
+
+
+class SampleError(ValueError):
+    """A sample that cannot be used; the message names where it came from and what to do."""
+
+
+class RunStopped(Exception):
+    """A run that ends early on purpose, with one sentence and an exit code: it diverged (1), a checkpoint could not
+    be written (1), a stop signal was honoured after saving (128 + the signal), or it had already finished (0)."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def __reduce__(self) -> tuple:  # keeps the exit code when broadcast to other ranks
+        return (type(self), (str(self), self.exit_code))
+
+
+def check_on_error(on_error: Any) -> None:
+    """ConfigError unless `on_error` is one of ON_ERROR (data.on_error: what a bad sample does)."""
+    if on_error not in ON_ERROR:
+        raise ConfigError(f"data.on_error={on_error}: choose raise or skip.")

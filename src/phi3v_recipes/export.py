@@ -26,21 +26,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from phi3v_recipes.cli import exit_on_user_error, register_resolvers
 from phi3v_recipes.errors import ConfigError
+from phi3v_recipes.rundir import run_config
 
 register_resolvers()
 log = logging.getLogger("phi3v_recipes.export")
 
 DTYPES = ("bfloat16", "float16", "float32")
-
-
-def run_config(path: str) -> DictConfig | None:
-    """The resolved `config.yaml` of the run that `path` (a run directory or one of its checkpoint-* directories)
-    belongs to; None for a model that does not come from a run of ours."""
-    directory = Path(path)
-    for candidate in (directory / "config.yaml", directory.parent / "config.yaml"):
-        if directory.is_dir() and candidate.is_file():
-            return OmegaConf.load(candidate)
-    return None
 
 
 def dequantize_4bit(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:

@@ -14,6 +14,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from phi3v_recipes.files import atomic_write_text
+from phi3v_recipes.rundir import METRICS
 
 COLUMNS = ("eval_before", "eval_after", "train_loss", "train_samples_per_second", "wall_time_s")
 
@@ -25,7 +26,7 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
     for job in jobs:
         overrides_file = job / ".hydra" / "overrides.yaml"
         overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
-        metrics_file = job / "metrics.json"
+        metrics_file = job / METRICS
         metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
         rows.append({"job": int(job.name), "overrides": overrides, "status": "done" if metrics else "no metrics",
                      **{k: metrics.get(k) for k in COLUMNS}, "metric": metrics.get("metric")})

@@ -13,7 +13,6 @@ The run directory ends with the final model (full weights, or the LoRA adapter) 
 
 import json
 import logging
-import os
 import signal
 import sys
 import time
@@ -21,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from transformers import TrainingArguments, set_seed
 
@@ -39,16 +37,7 @@ from phi3v_recipes.files import atomic_write_text
 from phi3v_recipes.loading import TINY, load_model, load_processor, model_path, write_tiny_base
 from phi3v_recipes.model.modeling_phi3v import set_supervised_logits
 from phi3v_recipes.preemption import StopSignals
-from phi3v_recipes.rundir import (
-    RunLock,
-    check_same_run,
-    checkpoints,
-    extends,
-    record,
-    remove_incomplete,
-    resume_point,
-    saved_record,
-)
+from phi3v_recipes.rundir import METRICS, SKIPPED, open_run_dir, read_skipped, record_skipped
 from phi3v_recipes.strategy import apply_strategy
 from phi3v_recipes.trainer import RecipeTrainer, all_finite
 
@@ -92,54 +81,6 @@ def training_arguments(cfg: DictConfig, run_dir: Path) -> TrainingArguments:
     )
 
 
-def open_run_dir(cfg: DictConfig, run_dir: Path, main: bool) -> tuple[RunLock | None, str | None]:
-    """Rank 0 locks the run directory, removes incomplete checkpoints, decides where to resume and records (or
-    checks) the configuration; every rank gets the same checkpoint to resume from, or the same error.
-
-    A fresh run records its configuration at once. A resumed run whose allowed settings changed (a longer run, ...)
-    records them with its first checkpoint, once they have trained something (`RecipeTrainer.pending_record`)."""
-    outcome: Any = None
-    lock = None
-    if main:
-        try:
-            lock, resume = _open_run_dir(cfg, run_dir)
-            outcome = resume
-        except (ConfigError, RunStopped) as err:
-            outcome = err
-    if dist.is_available() and dist.is_initialized():
-        shared = [outcome]
-        dist.broadcast_object_list(shared, src=0)
-        outcome = shared[0]
-    if isinstance(outcome, Exception):
-        raise outcome
-    return lock, outcome
-
-
-def _open_run_dir(cfg: DictConfig, run_dir: Path) -> tuple[RunLock, str | None]:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(run_dir)
-    lock.acquire()
-    if lock.took_over:
-        log.info("took over the lock of %s, whose process no longer runs", run_dir)
-    removed = remove_incomplete(run_dir)
-    if removed:
-        log.warning("removed incomplete checkpoint(s) left by an interrupted run: %s", ", ".join(removed))
-    saved = saved_record(run_dir)
-    changes: list[str] = []
-    if saved is not None and cfg.train.resume is not False and (checkpoints(run_dir) or (run_dir / "metrics.json").exists()):
-        changes = check_same_run(saved, cfg)  # before anything else: a changed run must not even look finished
-    resume = resume_point(cfg.train.resume, run_dir, extends(saved, cfg))
-    if resume is not None and changes:
-        log.info("resuming with changed settings: %s", "; ".join(changes))
-    if resume is None or saved is None:
-        record(cfg, run_dir)
-    if resume is not None and (run_dir / "metrics.json").is_file():  # a finished run, extended: no longer final
-        os.replace(run_dir / "metrics.json", run_dir / "metrics.previous.json")
-    log.info("%s", f"resuming from {resume}" if resume else f"starting a new run in {run_dir} (if it is interrupted: "
-             f"{resume_command(run_dir)} to resume)")
-    return lock, resume
-
-
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train and evaluate as `cfg` says; return the metrics (also written to <run dir>/metrics.json)."""
     start = time.perf_counter()
@@ -173,7 +114,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.eval.max_samples is not None:
         eval_samples = eval_samples[: cfg.eval.max_samples]
     if main and (skipped or eval_skipped):
-        log.warning("skipped %d bad sample(s); see %s", len(skipped) + len(eval_skipped), run_dir / "skipped.txt")
+        log.warning("skipped %d bad sample(s); see %s", len(skipped) + len(eval_skipped), run_dir / SKIPPED)
     if main:
         record_skipped(run_dir, skipped + eval_skipped)
     if not train_samples:
@@ -242,7 +183,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         output_dir=str(run_dir),
     )
     if main:
-        atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        atomic_write_text(run_dir / METRICS, json.dumps(metrics, indent=2) + "\n")
         print(summary(metrics), flush=True)
         log_to_files(summary(metrics))
     return metrics
@@ -259,20 +200,6 @@ def earlier_score(predictions: Path, samples: list[Sample]) -> float | None:
     return sum(row["score"] for row in rows) / len(rows)
 
 
-def read_skipped(run_dir: Path) -> list[str]:
-    """The distinct problems listed in `<run dir>/skipped.txt` (before and during training, over every launch)."""
-    path = run_dir / "skipped.txt"
-    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
-    return list(dict.fromkeys(line for line in lines if line))
-
-
-def record_skipped(run_dir: Path, problems: list[str]) -> None:
-    """Add the problems found before training to `skipped.txt`, keeping what earlier launches listed."""
-    merged = list(dict.fromkeys(read_skipped(run_dir) + problems))
-    if merged:
-        atomic_write_text(run_dir / "skipped.txt", "".join(f"{p}\n" for p in merged))
-
-
 def summary(metrics: dict[str, Any]) -> str:
     before, after = metrics.get("eval_before"), metrics.get("eval_after")
     score = " -> ".join(f"{v:.3f}" for v in (before, after) if v is not None) or "not evaluated"
@@ -283,5 +210,5 @@ def summary(metrics: dict[str, Any]) -> str:
         f"train loss {metrics['train_loss']:.4f} over {metrics['global_steps']} steps; "
         f"{speed if speed is not None else float('nan'):.2f} samples/s; wall time {metrics['wall_time_s']:.1f} s",
         f"model and processor: {metrics['output_dir']}",
-        f"metrics: {Path(metrics['output_dir']) / 'metrics.json'}",
+        f"metrics: {Path(metrics['output_dir']) / METRICS}",
     ])

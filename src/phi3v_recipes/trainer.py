@@ -34,7 +34,7 @@ from transformers.trainer_utils import rotate_checkpoints, seed_worker
 from phi3v_recipes.cluster import resume_command
 from phi3v_recipes.errors import ConfigError, RunStopped, SampleError
 from phi3v_recipes.preemption import StopSignals
-from phi3v_recipes.rundir import CHECKPOINT_PREFIX, STAGING, checkpoints, record
+from phi3v_recipes.rundir import CHECKPOINT_PREFIX, STAGING, append_skipped, checkpoints, record
 
 log = logging.getLogger("phi3v_recipes")
 
@@ -116,11 +116,9 @@ class RecipeTrainer(Trainer):
         return batches, num_items
 
     def _record_skipped(self, problems: list[str]) -> None:
-        if problems:
-            for problem in problems:
-                log.warning("skipped while training: %s", problem)
-            with (self.run_dir / "skipped.txt").open("a", encoding="utf-8") as handle:
-                handle.write("".join(f"{p}\n" for p in problems))
+        for problem in problems:
+            log.warning("skipped while training: %s", problem)
+        append_skipped(self.run_dir, problems)
 
     # ---- steps -----------------------------------------------------------------------------------------------
 

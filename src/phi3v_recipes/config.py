@@ -77,6 +77,7 @@ SETTINGS = (
     Setting("data.max_length", int, 1, nullable=True),
     Setting("data.num_workers", int, 0),
     Setting("data.max_image_pixels", int, 1, nullable=True),
+    Setting("data.screen_workers", int, 1, nullable=True),
     Setting("data.packing", bool),
     Setting("data.max_tokens_per_row", int, 1),
     Setting("data.group_by_length", bool),

@@ -46,7 +46,8 @@ SKIPPED = "skipped.txt"  # one problem sentence per bad sample dropped under dat
 # Groups (dotted prefixes of the composed config) that decide which weights a run produces: a resume must keep them.
 SAME_RUN = ("model.", "task.", "strategy.", "optim.", "train.", "data.", "hardware.precision")
 # Keys inside those groups that a resumed run may change: the run's length, checkpointing and logging cadence,
-# how bad samples are handled, DataLoader workers, and how the model runs (attention back-end, not its maths).
+# how bad samples are handled, DataLoader and screening workers, and how the model runs (attention back-end, not
+# its maths).
 MAY_CHANGE = (
     "train.resume",
     "train.epochs",
@@ -55,6 +56,7 @@ MAY_CHANGE = (
     "train.save_total_limit",
     "train.logging_steps",
     "data.num_workers",
+    "data.screen_workers",
     "data.on_error",
     "model.attn_implementation",
 )

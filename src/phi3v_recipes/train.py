@@ -26,10 +26,10 @@ from transformers import TrainingArguments, set_seed
 from phi3v_recipes.cli import log_to_files
 from phi3v_recipes.cluster import launch_overrides, output_dir, resume_command, world_size
 from phi3v_recipes.config import gradient_accumulation, uses_deepspeed, validate
-from phi3v_recipes.data.check import screen
 from phi3v_recipes.data.collate import build_collator
 from phi3v_recipes.data.dataset import EncodedDataset
 from phi3v_recipes.data.sample import Sample
+from phi3v_recipes.data.screen_cache import ScreenCache
 from phi3v_recipes.data.tasks import load_split
 from phi3v_recipes.errors import ConfigError, RunStopped, SampleError
 from phi3v_recipes.evaluation import evaluate
@@ -107,10 +107,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     processor = load_processor(path, cfg.data.num_crops)
 
     data = cfg.data
-    train_samples, skipped = screen(train_samples, processor, data.max_length, data.on_error, train_problems,
-                                    data.max_image_pixels)
-    eval_samples, eval_skipped = screen(eval_samples, processor, data.max_length, data.on_error, eval_problems,
-                                        data.max_image_pixels)
+    with ScreenCache(run_dir, processor, data.max_length, data.max_image_pixels, data.screen_workers,
+                     write=main) as screened:  # verdicts kept in the run dir; the first screen spread over ranks
+        train_samples, skipped, train_lengths = screened.screen("training", train_samples, data.on_error,
+                                                                train_problems)
+        eval_samples, eval_skipped, _ = screened.screen("held-out", eval_samples, data.on_error, eval_problems)
     if cfg.eval.max_samples is not None:
         eval_samples = eval_samples[: cfg.eval.max_samples]
     if main and (skipped or eval_skipped):
@@ -147,7 +148,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         pending_record=cfg if resume else None,
         model=model,
         args=args,
-        train_dataset=EncodedDataset(train_samples, processor, data.max_length, data.on_error, data.max_image_pixels),
+        train_dataset=EncodedDataset(train_samples, processor, data.max_length, data.on_error, data.max_image_pixels,
+                                     lengths=train_lengths),
         data_collator=build_collator(cfg.data, processor.tokenizer.pad_token_id, cfg.model.attn_implementation),
         processing_class=processor,
     )

@@ -12,7 +12,7 @@ from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from phi3v_recipes.export import dequantize_4bit
+from phi3v_recipes.loading import dequantize_4bit
 from phi3v_recipes.model import Phi3VConfig, Phi3VForCausalLM, Phi3VProcessor
 from phi3v_recipes.model.configuration_phi3v import OFFICIAL_KEYS
 from phi3v_recipes.model.tiny import TINY_NUM_IMG_TOKENS

@@ -159,7 +159,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     model.config.dtype = getattr(torch, cfg.dtype)
     model.save_pretrained(output, max_shard_size=cfg.max_shard_size)
     processor.save_pretrained(output)
-    write_serving_metadata(output, source_tokenizer=processor_dir)
+    write_serving_metadata(output)
     # Where the reference code comes from (remote_code=reference): the base directory, else its hub repository.
     run_base = None if run_cfg is None else str(run_cfg.model.name_or_path)
     repo = cfg.base_repo or hub_repo_id(base) or hub_repo_id(run_base) or hub_repo_id(source)

@@ -8,8 +8,9 @@ Written into every final model and export (`write_serving_metadata`), checked by
 - `generation_config.json`: `bos_token_id`, `pad_token_id` and the stop ids as `eos_token_id`: `<|endoftext|>`,
   `<|assistant|>` and `<|end|>` (32000, 32001, 32007 in the official files), so that `generate` stops after a reply
   without being told;
-- `tokenizer_config.json`: the `tokenizer_class` of the base's own file when it names one transformers 4 and 5
-  both know (the official files say `LlamaTokenizer`), and no local absolute path.
+- `tokenizer_config.json`: `tokenizer_class: LlamaTokenizer` as the official files name it (transformers 4 then
+  builds `LlamaTokenizerFast`, 5 its `LlamaTokenizer`, both from `tokenizer.json`, to the same ids), and no local
+  absolute path.
 """
 
 from __future__ import annotations
@@ -28,13 +29,14 @@ from phi3v_recipes.model.processing_phi3v import (
     EOS_TOKEN,
 )
 
-__all__ = ["STOP_TOKENS", "absolute_paths", "stop_ids", "write_serving_metadata"]
+__all__ = ["OFFICIAL_TOKENIZER_CLASS", "STOP_TOKENS", "absolute_paths", "finish_saved_model", "stop_ids",
+           "write_serving_metadata"]
 
 STOP_TOKENS = (ENDOFTEXT_TOKEN, ASSISTANT_TOKEN, END_TOKEN)
 """The tokens `generate` stops on: the official `generation_config.json`'s `eos_token_id` [32000, 32001, 32007]."""
 
-# Tokenizer classes that both transformers 4 (the reference code's, vLLM's) and 5 load from `tokenizer.json`.
-PORTABLE_TOKENIZER_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast", "PreTrainedTokenizerFast")
+OFFICIAL_TOKENIZER_CLASS = "LlamaTokenizer"
+"""`tokenizer_class` of the official `tokenizer_config.json` (the reference processor expects a Llama tokenizer)."""
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -78,10 +80,9 @@ def _portable(value: Any) -> Any:
     return portable_name(value) if absolute_paths(value) else value
 
 
-def write_serving_metadata(directory: str | Path, source_tokenizer: str | Path | None = None) -> None:
-    """Rewrite the metadata of the model and processor saved in `directory` (see the module docstring);
-    `source_tokenizer` is the directory whose `tokenizer_config.json` names the official tokenizer class. A
-    directory without a tokenizer (an adapter saved alone) only gets the `config.json` fixes."""
+def write_serving_metadata(directory: str | Path) -> None:
+    """Rewrite the metadata of the model and processor saved in `directory` (see the module docstring). A
+    directory without `config.json` (an adapter) gets the tokenizer fixes only."""
     directory = Path(directory)
     ids = token_ids(directory, (BOS_TOKEN, EOS_TOKEN, *STOP_TOKENS)) if (directory / "tokenizer.json").is_file() else {}
     config = _read(directory / "config.json")
@@ -101,8 +102,16 @@ def write_serving_metadata(directory: str | Path, source_tokenizer: str | Path |
     tokenizer = _read(directory / "tokenizer_config.json")
     if tokenizer is not None:
         tokenizer = _portable(tokenizer)
-        official = _read(Path(source_tokenizer) / "tokenizer_config.json") if source_tokenizer else None
-        official_class = (official or {}).get("tokenizer_class")
-        if official_class in PORTABLE_TOKENIZER_CLASSES:
-            tokenizer["tokenizer_class"] = official_class
+        tokenizer["tokenizer_class"] = OFFICIAL_TOKENIZER_CLASS
         _write(directory / "tokenizer_config.json", tokenizer)
+
+
+def finish_saved_model(directory: str | Path) -> None:
+    """What every final model directory of a run gets once its files are written: the serving metadata and, for
+    full weights (a `config.json`), the shipped model code its `auto_map` names (see `remote_code`). An adapter
+    directory gets the tokenizer metadata only: it is served after `python -m phi3v_recipes.export`."""
+    from phi3v_recipes.model.remote_code import write_remote_code
+
+    write_serving_metadata(directory)
+    if (Path(directory) / "config.json").is_file():
+        write_remote_code(directory)

@@ -217,8 +217,13 @@ class Phi3VProcessor(ProcessorMixin):
 
     @property
     def num_crops(self) -> int:
-        """Default maximum number of crops per image."""
+        """Default maximum number of crops per image (the image processor's; setting it sets the image
+        processor's, as transformers 4's `from_pretrained(..., num_crops=N)` does)."""
         return self.image_processor.num_crops
+
+    @num_crops.setter
+    def num_crops(self, value: int) -> None:
+        self.image_processor.num_crops = value
 
     @property
     def model_input_names(self) -> list[str]:

@@ -54,6 +54,9 @@ LEFTOVER = re.compile(r"(lora_[AB]|lora_embedding|lora_magnitude|\.base_layer\.|
 PREPROCESSOR_FIELDS = ("processor_class", "image_processor_type", "num_crops", "num_img_tokens", "image_mean",
                        "image_std", "do_convert_rgb", "auto_map")
 TRANSFORMERS_5_ONLY_TOKENIZERS = ("TokenizersBackend",)  # unknown to the transformers 4 of the reference code
+# The JSON files a loader reads (a run directory's own records, metrics.json and the like, are not among them).
+LOADER_FILES = ("config.json", "generation_config.json", "preprocessor_config.json", "processor_config.json",
+                "tokenizer_config.json", "special_tokens_map.json", "chat_template.json")
 
 
 @dataclass
@@ -287,12 +290,10 @@ def _check_metadata(directory: Path, config: dict[str, Any]) -> Check:
     if tokenizer.get("tokenizer_class") != OFFICIAL_TOKENIZER_CLASS:
         problems.append(f"tokenizer_class {tokenizer.get('tokenizer_class')!r}, not {OFFICIAL_TOKENIZER_CLASS!r} as "
                         "in the official files")
-    for path in sorted(directory.glob("*.json")):
-        if path.name == "tokenizer.json" or path.name.endswith(".index.json"):
-            continue
-        hits = absolute_paths(_read_json(path) or {})
+    for name in LOADER_FILES:
+        hits = absolute_paths(_read_json(directory / name) or {})
         if hits:
-            problems.append(f"{path.name} records a local absolute path ({hits[0]})")
+            problems.append(f"{name} records a local absolute path ({hits[0]})")
     if problems:
         return Check(name, False, "; ".join(problems))
     return Check(name, True, f"use_cache true, eos_token_id {config.get('eos_token_id')}, stop ids {stops}, "

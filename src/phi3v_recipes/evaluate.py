@@ -24,7 +24,7 @@ def run(cfg: DictConfig) -> dict:
     from phi3v_recipes.data.check import screen
     from phi3v_recipes.data.tasks import load_split
     from phi3v_recipes.evaluation import evaluate
-    from phi3v_recipes.inference import load_for_inference
+    from phi3v_recipes.loading import load_for_inference
 
     check_settings(cfg, nullable=["data.num_crops"])
     check_hardware(cfg)

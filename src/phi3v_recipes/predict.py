@@ -55,7 +55,7 @@ def run(cfg: DictConfig) -> int:
 
     from phi3v_recipes.data.jsonl import read_jsonl
     from phi3v_recipes.evaluation import answer_batch, stop_token_ids
-    from phi3v_recipes.inference import load_for_inference
+    from phi3v_recipes.loading import load_for_inference
 
     if not cfg.get("input") or not cfg.get("output"):
         raise ConfigError("predict needs input=<conversations.jsonl> and output=<answers.jsonl>.")

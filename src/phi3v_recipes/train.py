@@ -35,6 +35,7 @@ from phi3v_recipes.errors import ConfigError, RunStopped, SampleError
 from phi3v_recipes.evaluation import evaluate
 from phi3v_recipes.files import atomic_write_text
 from phi3v_recipes.loading import TINY, load_model, load_processor, model_path, write_tiny_base
+from phi3v_recipes.model.metadata import finish_saved_model
 from phi3v_recipes.model.modeling_phi3v import set_supervised_logits
 from phi3v_recipes.preemption import StopSignals
 from phi3v_recipes.rundir import METRICS, SKIPPED, open_run_dir, read_skipped, record_skipped
@@ -169,6 +170,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"task={cfg.task.name} gave no training step ({len(train_samples)} samples, train.epochs="
                           f"{cfg.train.epochs}, train.max_steps={cfg.train.max_steps}); nothing was saved.")
     trainer.save_model(str(run_dir))
+    if main:  # config.json / generation_config.json / tokenizer metadata for serving, and the shipped model code
+        finish_saved_model(run_dir)
 
     if cfg.eval.after:
         run_eval("eval_after", trainer.model)

@@ -26,7 +26,7 @@ from phi3v_recipes.files import atomic_write_text
 from phi3v_recipes.status import read_status, selection_score
 
 COLUMNS = ("selection_score", "eval_before", "eval_after", "train_loss", "train_samples_per_second", "wall_time_s")
-STUDY_SWEEPER = "hydra_plugins.phi3v_optuna_sweeper.OptunaSweeper"
+STUDY_SWEEPER = "hydra_plugins.phi3v_optuna_sweeper.optuna_sweeper.OptunaSweeper"
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:

@@ -14,12 +14,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_pyproject_lists_every_package():
-    """pyproject.toml lists packages by hand (because of the conf mapping): none may be missing."""
+    """pyproject.toml lists packages by hand (because of the conf mapping): none may be missing. The namespace
+    package hydra_plugins (no __init__.py) is listed too, so that Hydra finds our sweeper in an editable install."""
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {
         ".".join(init.parent.relative_to(ROOT / "src").parts) for init in (ROOT / "src").rglob("__init__.py")
     }
-    assert found | {"phi3v_recipes.conf"} == listed
+    assert found | {"phi3v_recipes.conf", "hydra_plugins"} == listed
 
 
 @pytest.mark.slow

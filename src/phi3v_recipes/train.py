@@ -50,6 +50,7 @@ from phi3v_recipes.rundir import (
     saved_record,
 )
 from phi3v_recipes.strategy import apply_strategy
+from phi3v_recipes.trackers import Trackers, hf_report_to
 from phi3v_recipes.trainer import RecipeTrainer, all_finite
 
 log = logging.getLogger("phi3v_recipes")
@@ -82,7 +83,7 @@ def training_arguments(cfg: DictConfig, run_dir: Path) -> TrainingArguments:
         save_steps=train.save_steps,
         save_total_limit=train.save_total_limit,
         logging_steps=train.logging_steps,
-        report_to=[] if cfg.report_to in (None, "none") else cfg.report_to,
+        report_to=hf_report_to(cfg),  # tensorboard; MLflow and wandb are trackers.py's
         seed=train.seed,
         dataloader_num_workers=cfg.data.num_workers,
         remove_unused_columns=False,
@@ -151,6 +152,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     args = training_arguments(cfg, run_dir)
     main = args.process_index == 0
     _lock, resume = open_run_dir(cfg, run_dir, main)
+    trackers = Trackers.open(cfg, run_dir, main)  # report_to: mlflow, wandb (the same tracker run on a resume)
     set_seed(cfg.train.seed)
 
     train_samples, train_problems = load_split(cfg.task, "train")
@@ -210,6 +212,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         data_collator=build_collator(cfg.data, processor.tokenizer.pad_token_id, cfg.model.attn_implementation),
         processing_class=processor,
     )
+    trainer.add_callback(trackers.callback(trainer))
     result = trainer.train(resume_from_checkpoint=resume)
     step = trainer.state.global_step
     if trainer.stopped_by:
@@ -245,6 +248,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         print(summary(metrics), flush=True)
         log_to_files(summary(metrics))
+    trackers.finish(metrics, step)  # after metrics.json: a tracker run marked finished is a finished run
     return metrics
 
 

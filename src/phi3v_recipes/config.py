@@ -176,6 +176,10 @@ def validate(cfg: DictConfig, world: int | None = None) -> None:
         "train.epochs > 0 or train.max_steps > 0.",
     )
     check_output_dir(output_dir(cfg))
+    if "report_to" in cfg:
+        from phi3v_recipes.trackers import check as check_trackers
+
+        check_trackers(cfg)
     gradient_accumulation(cfg, world)
     check_hardware(cfg)
     if strategy.get("quantization"):

@@ -40,6 +40,7 @@ from phi3v_recipes.model.modeling_phi3v import set_supervised_logits
 from phi3v_recipes.preemption import StopSignals
 from phi3v_recipes.rundir import METRICS, SKIPPED, open_run_dir, read_skipped, record_skipped
 from phi3v_recipes.strategy import apply_strategy
+from phi3v_recipes.trackers import Trackers, hf_report_to
 from phi3v_recipes.trainer import RecipeTrainer, all_finite
 
 log = logging.getLogger("phi3v_recipes")
@@ -72,7 +73,7 @@ def training_arguments(cfg: DictConfig, run_dir: Path) -> TrainingArguments:
         save_steps=train.save_steps,
         save_total_limit=train.save_total_limit,
         logging_steps=train.logging_steps,
-        report_to=[] if cfg.report_to in (None, "none") else cfg.report_to,
+        report_to=hf_report_to(cfg),  # tensorboard; MLflow and wandb are trackers.py's
         seed=train.seed,
         dataloader_num_workers=cfg.data.num_workers,
         remove_unused_columns=False,
@@ -93,6 +94,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     args = training_arguments(cfg, run_dir)
     main = args.process_index == 0
     _lock, resume = open_run_dir(cfg, run_dir, main)
+    trackers = Trackers.open(cfg, run_dir, main)  # report_to: mlflow, wandb (the same tracker run on a resume)
     set_seed(cfg.train.seed)
 
     train_samples, train_problems = load_split(cfg.task, "train")
@@ -154,6 +156,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         data_collator=build_collator(cfg.data, processor.tokenizer.pad_token_id, cfg.model.attn_implementation),
         processing_class=processor,
     )
+    trainer.add_callback(trackers.callback(trainer))
     result = trainer.train(resume_from_checkpoint=resume)
     step = trainer.state.global_step
     if trainer.stopped_by:
@@ -191,6 +194,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         atomic_write_text(run_dir / METRICS, json.dumps(metrics, indent=2) + "\n")
         print(summary(metrics), flush=True)
         log_to_files(summary(metrics))
+    trackers.finish(metrics, step)  # after metrics.json: a tracker run marked finished is a finished run
     return metrics
 
 

@@ -39,7 +39,8 @@ from phi3v_recipes.rundir import CHECKPOINT_PREFIX, STAGING, append_skipped, che
 log = logging.getLogger("phi3v_recipes")
 
 RECIPE_STATE = "recipe_state.json"
-"""Saved in every checkpoint: the exact loss of every optimizer step so far and the world size."""
+"""Saved in every checkpoint: the exact loss of every optimizer step so far (also with its learning rate and
+gradient norm: `steps`) and the world size."""
 
 
 class RecipeTrainer(Trainer):
@@ -53,6 +54,7 @@ class RecipeTrainer(Trainer):
         self.run_dir = Path(run_dir)
         self.stop_signals = stop_signals
         self.step_losses: list[float] = []
+        self.steps: list[dict[str, Any]] = []  # {step, loss, learning_rate, grad_norm} per optimizer step
         self.stopped_by: str | None = None
         self._step_loss = 0.0
         self._guarded_step = -1
@@ -131,6 +133,7 @@ class RecipeTrainer(Trainer):
                     f"{self.args.world_size}; resume with the same number of processes (data order and optimizer "
                     "shards depend on it).")
             self.step_losses = list(state["step_losses"])
+            self.steps = list(state.get("steps", []))
             log.info("resuming from %s at step %d", resume_from_checkpoint, len(self.step_losses))
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
@@ -170,6 +173,8 @@ class RecipeTrainer(Trainer):
                 f"nothing from this step was saved and {kept}. Lower optim.lr (now {self.recipe.optim.lr}) or "
                 "check the data, then start again.")
         self.step_losses.append(total / self.args.world_size)
+        self.steps.append({"step": step, "loss": self.step_losses[-1], "learning_rate": self._get_learning_rate(),
+                           "grad_norm": norm if grad_norm is not None else None})
         if stop:
             self.stopped_by = (self.stop_signals.name if self.stop_signals and self.stop_signals.received
                                else "a stop signal on another rank")
@@ -195,7 +200,7 @@ class RecipeTrainer(Trainer):
             super()._save_checkpoint(model, trial)
             self.accelerator.wait_for_everyone()
             if main:
-                state = {"step_losses": self.step_losses, "world_size": self.args.world_size}
+                state = {"step_losses": self.step_losses, "steps": self.steps, "world_size": self.args.world_size}
                 (staged / RECIPE_STATE).write_text(json.dumps(state) + "\n")
                 _fsync_tree(staged)
                 if final.exists():  # the same step saved twice (e.g. a resume at the final step): replace it

@@ -1,0 +1,376 @@
+"""Experiment trackers (`report_to`): MLflow and Weights & Biases, one tracker run per training run.
+
+TensorBoard is Hugging Face's own callback (event files under `<run dir>/runs/`). MLflow and wandb are ours, over
+the libraries' client APIs, because a preempted run must come back to the same tracker run without logging any
+step twice, which the stock integrations do not do:
+
+- **One tracker run per training run.** The first launch creates the run and writes its id to
+  `<run dir>/trackers.json`; every later launch of the same run directory reopens that run (MLflow: the run id;
+  wandb: `id=` with `resume="allow"`).
+- **Each step exactly once.** Per-step values (loss, learning rate, gradient norm: `RecipeTrainer.steps`, which
+  checkpoints carry in `recipe_state.json`) and the evaluations logged during training are held back and sent
+  when a checkpoint is complete, up to that checkpoint's step, and at the end of training. A launch that dies
+  sends nothing past its last checkpoint, and the next launch resumes from that checkpoint; steps that the dead
+  launch had already sent (its last flush) are never sent again: the tracker's last logged step (MLflow: read
+  back from the store; wandb: `trackers.json`) is a high-water mark, and a flush sends only later steps. Steps
+  that were saved but not sent (a launch killed between a checkpoint and its flush) come from the resumed
+  checkpoint's own record. So every step reaches the tracker once, with the value the saved weights trained on.
+- **Grouped sweeps.** A sweep's jobs go to one MLflow experiment and one wandb group, both named after the sweep
+  directory (`tracker.experiment`, `tracker.wandb.group` override); a single run goes to an experiment named
+  after the task.
+
+The trade-off: a tracker shows training steps at checkpoint cadence (`train.save_steps`), not live.
+"""
+
+import atexit
+import importlib.util
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from transformers import TrainerCallback
+
+from phi3v_recipes.errors import ConfigError
+from phi3v_recipes.files import atomic_write_text
+
+log = logging.getLogger("phi3v_recipes")
+
+REPORT_TO = ("tensorboard", "mlflow", "wandb", "none")
+RECORD = "trackers.json"
+"""In the run directory: each tracker's run id (and wandb's last logged step), kept across launches."""
+WANDB_MODES = ("online", "offline", "disabled")
+STEP_KEYS = {"loss": "train/loss", "learning_rate": "train/learning_rate", "grad_norm": "train/grad_norm"}
+_BATCH = 900  # metrics per MLflow call (its limit is 1000); whole steps only, so a call never splits a step
+
+
+def requested(cfg: DictConfig) -> list[str]:
+    """The trackers `report_to` names, as a list (`none` or null: empty)."""
+    value = cfg.get("report_to")
+    names = [value] if isinstance(value, str) else list(value or [])
+    return [str(n) for n in names if str(n) != "none"]
+
+
+def hf_report_to(cfg: DictConfig) -> list[str]:
+    """What Hugging Face's `TrainingArguments.report_to` gets: TensorBoard only; MLflow and wandb are ours."""
+    return ["tensorboard"] if "tensorboard" in requested(cfg) else []
+
+
+def check(cfg: DictConfig) -> None:
+    """ConfigError for an unknown tracker, a tracker whose package is missing, or a bad wandb mode (at start-up,
+    before any data or model loads)."""
+    value = cfg.get("report_to")
+    names = [value] if isinstance(value, str) or value is None else list(value)
+    for name in names:
+        if name not in REPORT_TO and name is not None:
+            raise ConfigError(f"report_to={name} is not a tracker this recipe supports; choose from {REPORT_TO}, or "
+                              "a list of them (report_to=[tensorboard,mlflow]).")
+    chosen = requested(cfg)
+    if "mlflow" in chosen:
+        missing = [p for p in ("mlflow", "sqlalchemy", "alembic") if importlib.util.find_spec(p) is None]
+        uri = mlflow_uri(cfg) or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+        if "://" not in uri or uri.split(":", 1)[0].split("+")[0] not in ("sqlite", "postgresql", "mysql", "mssql"):
+            missing = missing[:1]  # a server or file store needs no database driver here
+        if missing:
+            raise ConfigError(f"report_to=mlflow needs {' and '.join(missing)}, which is not installed; pip install "
+                              "'phi3v-recipes[mlflow]', or drop mlflow from report_to.")
+    if "wandb" in chosen:
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigError("report_to=wandb needs wandb, which is not installed; pip install "
+                              "'phi3v-recipes[wandb]', or drop wandb from report_to.")
+        mode = OmegaConf.select(cfg, "tracker.wandb.mode")
+        if mode is not None and mode not in WANDB_MODES:
+            raise ConfigError(f"tracker.wandb.mode={mode} is not one of {WANDB_MODES} (or null for $WANDB_MODE).")
+
+
+def mlflow_uri(cfg: DictConfig) -> str | None:
+    return OmegaConf.select(cfg, "tracker.mlflow.tracking_uri")
+
+
+def flat_params(cfg: DictConfig) -> dict[str, str]:
+    """The resolved configuration as `group.key: value` strings (`optim.lr: 2e-05`); lists as JSON."""
+    flat: dict[str, str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            flat[prefix[:-1]] = node if isinstance(node, str) else json.dumps(node)
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return flat
+
+
+def sweep_dir() -> Path | None:
+    """The sweep directory when this process is a job of a Hydra multirun, else None."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hydra_cfg = HydraConfig.get()
+    except ValueError:
+        return None
+    return Path(hydra_cfg.sweep.dir).resolve() if hydra_cfg.mode == RunMode.MULTIRUN else None
+
+
+def final_values(metrics: dict[str, Any]) -> dict[str, float]:
+    """The run's final numbers as `final/<key>` (nested ones such as best.score as `final/best.score`)."""
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in final_values(value).items()})
+        elif isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            out[key] = float(value)
+    return out
+
+
+class _Tracker:
+    """One tracker run: opened (or reopened) at start, fed whole steps in order, finished with the final metrics."""
+
+    name = ""
+
+    def last_step(self) -> int:
+        """The newest step this run holds (0: none)."""
+        raise NotImplementedError
+
+    def last_step_safe(self) -> int:
+        """`last_step`, or 0 when the tracker cannot be reached."""
+        try:
+            return self.last_step()
+        except Exception:  # noqa: BLE001 - e.g. the server that just failed a write
+            return 0
+
+    def log_steps(self, rows: list[tuple[int, dict[str, float]]]) -> None:
+        """Log `(step, {key: value})` rows, in step order."""
+        raise NotImplementedError
+
+    def finish(self, final: dict[str, float], step: int, status: str) -> None:
+        raise NotImplementedError
+
+
+class _MLflow(_Tracker):
+    name = "mlflow"
+
+    def __init__(self, cfg: DictConfig, run_id: str | None, experiment: str, run_name: str, tags: dict[str, str]):
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=mlflow_uri(cfg))
+        params = flat_params(cfg)
+        if run_id is None:
+            found = self.client.get_experiment_by_name(experiment)
+            experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+            self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+            self._log_params(params)
+        else:
+            self.run_id = run_id
+            self.client.update_run(run_id, status="RUNNING")
+            held = self.client.get_run(run_id).data.params
+            self._log_params({k: v for k, v in params.items() if k not in held})
+            for key, value in params.items():  # a resumed run may change some settings (longer, ...): tags
+                if key in held and held[key] != value[:6000]:
+                    self.client.set_tag(run_id, f"changed.{key}", f"{held[key]} -> {value}")
+
+    def _log_params(self, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        self.client.log_batch(self.run_id, params=[Param(k[:250], v[:6000]) for k, v in params.items()])
+
+    def last_step(self) -> int:
+        history = self.client.get_metric_history(self.run_id, STEP_KEYS["loss"])
+        return max((m.step for m in history), default=0)
+
+    def log_steps(self, rows: list[tuple[int, dict[str, float]]]) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        batch: list[Metric] = []
+        for step, values in rows:
+            now = int(time.time() * 1000)
+            if batch and len(batch) + len(values) > _BATCH:
+                self.client.log_batch(self.run_id, metrics=batch)
+                batch = []
+            batch += [Metric(key, value, now, step) for key, value in values.items()]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def finish(self, final: dict[str, float], step: int, status: str) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        if final:
+            self.client.log_batch(self.run_id, metrics=[Metric(f"final/{k}", v, now, step) for k, v in final.items()])
+        self.client.set_terminated(self.run_id, status=status)
+
+
+class _Wandb(_Tracker):
+    name = "wandb"
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, run_id: str | None, logged: int, group: str | None,
+                 run_name: str, tags: dict[str, str]):
+        import wandb
+
+        settings = cfg.tracker.wandb
+        self.logged = logged
+        self.run = wandb.init(
+            project=settings.project, entity=settings.entity, group=group, name=run_name, id=run_id,
+            resume="allow", dir=str(run_dir), mode=settings.mode, config=flat_params(cfg),
+            notes=tags.get("run_dir"), tags=[tags["sweep_job"]] if "sweep_job" in tags else None,
+            allow_val_change=True,
+        )
+        self.run_id = self.run.id
+
+    def last_step(self) -> int:
+        return self.logged  # offline runs cannot be asked; trackers.json keeps it
+
+    def log_steps(self, rows: list[tuple[int, dict[str, float]]]) -> None:
+        for step, values in rows:
+            self.run.log(values, step=step)
+            self.logged = step
+
+    def finish(self, final: dict[str, float], step: int, status: str) -> None:
+        for key, value in final.items():
+            self.run.summary[f"final/{key}"] = value
+        self.run.finish(exit_code=0 if status == "FINISHED" else 1)
+
+
+class Trackers:
+    """The MLflow and wandb runs of one training run (rank 0 only; empty elsewhere or when none is requested).
+
+    `open` at start (after the run directory is opened: it knows whether this launch resumes); the trainer's
+    `callback` sends steps and evaluations at each checkpoint; `finish` logs the final metrics and closes the
+    runs. A launch that ends without `finish` (stopped by a signal, or failed) marks them KILLED or FAILED."""
+
+    def __init__(self, run_dir: Path, trackers: list[_Tracker]):
+        self.run_dir = run_dir
+        self.trackers = trackers
+        self.stopped = False
+        self.sent = {t.name: t.last_step() for t in trackers}
+        self._evals: dict[int, dict[str, float]] = {}
+        self._save_record()
+        if trackers:
+            atexit.register(self._close_unfinished)
+
+    @classmethod
+    def open(cls, cfg: DictConfig, run_dir: Path, main: bool) -> "Trackers":
+        """Create this run's tracker runs, or reopen the ones `<run dir>/trackers.json` names."""
+        chosen = [n for n in requested(cfg) if n != "tensorboard"] if main else []
+        path = run_dir / RECORD
+        record = json.loads(path.read_text()) if path.is_file() else {}
+        sweep = sweep_dir()
+        experiment = cfg.tracker.experiment or (str(sweep) if sweep else cfg.task.name)
+        run_name = cfg.tracker.run_name or (f"{sweep.name}/{run_dir.name}" if sweep else run_dir.name)
+        tags = {"run_dir": str(run_dir.resolve()), "task": cfg.task.name, "strategy": cfg.strategy.name}
+        if sweep:
+            tags.update(sweep_dir=str(sweep), sweep_job=run_dir.name)
+        trackers: list[_Tracker] = []
+        for name in chosen:
+            held = record.get(name, {})
+            try:
+                if name == "mlflow":
+                    trackers.append(_MLflow(cfg, held.get("run_id"), experiment, run_name, tags))
+                else:
+                    group = cfg.tracker.wandb.group or (str(sweep)[-128:] if sweep else None)
+                    trackers.append(_Wandb(cfg, run_dir, held.get("run_id"), held.get("logged_step", 0), group,
+                                           run_name, tags))
+            except ConfigError:
+                raise
+            except Exception as err:  # noqa: BLE001 - an unreachable server, a locked store, bad credentials ...
+                reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+                where = f" ({mlflow_uri(cfg) or os.environ.get('MLFLOW_TRACKING_URI', 'the default store')})" \
+                    if name == "mlflow" else ""
+                raise ConfigError(f"report_to={name}: could not open the tracker run{where}: {reason}; check the "
+                                  f"tracker.{name} settings in conf/train.yaml, or drop {name} from report_to.") from None
+            verb = "continuing" if held.get("run_id") else "logging to"
+            log.info("%s: %s run %s", name, verb, trackers[-1].run_id)  # type: ignore[attr-defined]
+        return cls(run_dir, trackers)
+
+    def callback(self, trainer: Any) -> "TrackerCallback":
+        """The callback for `trainer` (a `RecipeTrainer`: its `steps` records, its `stopped_by`)."""
+        return TrackerCallback(self, trainer)
+
+    def send(self, steps: list[dict[str, Any]], upto: int) -> None:
+        """Send every step (and evaluation) up to `upto` that a tracker does not hold yet."""
+        for tracker in self.trackers:
+            rows: dict[int, dict[str, float]] = {}
+            for row in steps:
+                if self.sent[tracker.name] < row["step"] <= upto:
+                    rows[row["step"]] = {STEP_KEYS[k]: float(row[k]) for k in STEP_KEYS if row.get(k) is not None}
+            for step, values in self._evals.items():
+                if self.sent[tracker.name] < step <= upto:
+                    rows.setdefault(step, {}).update(values)
+            if not rows:
+                continue
+            try:
+                tracker.log_steps(sorted(rows.items()))
+            except Exception as err:  # noqa: BLE001 - a tracker outage must not end a training run
+                log.warning("%s: could not log steps %d-%d (%s); they are sent again with the next checkpoint",
+                            tracker.name, min(rows), max(rows), err)
+                self.sent[tracker.name] = max(self.sent[tracker.name], tracker.last_step_safe())
+                continue
+            self.sent[tracker.name] = max(rows)
+        self._evals = {s: v for s, v in self._evals.items() if s > upto}
+        self._save_record()
+
+    def add_evaluation(self, step: int, logs: dict[str, float]) -> None:
+        values = {"eval/" + k.removeprefix("eval_").removeprefix("eval/"): float(v) for k, v in logs.items()
+                  if k.startswith("eval") and isinstance(v, int | float) and not isinstance(v, bool)}
+        if values:
+            self._evals.setdefault(step, {}).update(values)
+
+    def finish(self, metrics: dict[str, Any], step: int) -> None:
+        """Log the final metrics (`final/<key>`) and close the tracker runs as finished."""
+        final = final_values(metrics)
+        for tracker in self.trackers:
+            try:
+                tracker.finish(final, step, "FINISHED")
+            except Exception as err:  # noqa: BLE001 - the run itself is complete; say so and go on
+                log.warning("%s: could not log the final metrics to run %s (%s)", tracker.name,
+                            getattr(tracker, "run_id", "?"), err)
+        self.trackers = []
+
+    def _close_unfinished(self) -> None:
+        for tracker in self.trackers:
+            try:
+                tracker.finish({}, 0, "KILLED" if self.stopped else "FAILED")
+            except Exception as err:  # noqa: BLE001 - the process is exiting; the run stays RUNNING in the tracker
+                log.warning("%s: could not close run %s (%s)", tracker.name, getattr(tracker, "run_id", "?"), err)
+        self.trackers = []
+
+    def _save_record(self) -> None:
+        if not self.trackers:
+            return
+        record = {t.name: {"run_id": t.run_id, "logged_step": self.sent[t.name]} for t in self.trackers}  # type: ignore[attr-defined]
+        atomic_write_text(self.run_dir / RECORD, json.dumps(record, indent=2) + "\n")
+
+
+class TrackerCallback(TrainerCallback):
+    """Sends held-back steps and evaluations to the trackers when a checkpoint is complete and when training
+    ends; collects evaluations from `Trainer.log` (`eval_*` keys) at their step."""
+
+    def __init__(self, trackers: Trackers, trainer: Any):
+        self.trackers = trackers
+        self.trainer = trainer
+
+    def steps(self) -> list[dict[str, Any]]:
+        return self.trainer.steps
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # a resumed launch: steps its checkpoint saved that the dead launch never sent
+        self.trackers.send(self.steps(), state.global_step)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+        self.trackers.add_evaluation(state.global_step, logs or {})
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trackers.send(self.steps(), state.global_step)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trackers.send(self.steps(), state.global_step)
+        self.trackers.stopped = self.trainer.stopped_by is not None

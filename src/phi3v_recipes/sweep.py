@@ -14,6 +14,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from phi3v_recipes.files import atomic_write_text
+from phi3v_recipes.report import write_report
 
 COLUMNS = ("eval_before", "eval_after", "train_loss", "train_samples_per_second", "wall_time_s")
 
@@ -58,3 +59,4 @@ class SweepSummary(Callback):
         text = format_table(rows)
         atomic_write_text(sweep_dir / "summary.txt", text)
         print(f"\nsweep summary ({sweep_dir / 'summary.txt'}):\n{text}", flush=True)
+        write_report(sweep_dir, on_error="warn")  # report.html: jobs ranked, metric per parameter, losses

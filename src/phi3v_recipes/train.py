@@ -8,7 +8,7 @@
 
 The run directory ends with the final model (full weights, or the LoRA adapter) and processor files,
 `checkpoint-*` directories, `config.yaml` (the resolved config), `metrics.json`, predictions of each evaluation,
-`skipped.txt` when data.on_error=skip dropped samples, and tensorboard logs under `runs/`.
+`skipped.txt` when data.on_error=skip dropped samples, tensorboard logs under `runs/`, and `report.html` (report/).
 """
 
 import json
@@ -39,6 +39,7 @@ from phi3v_recipes.files import atomic_write_text
 from phi3v_recipes.loading import TINY, load_model, load_processor, model_path, write_tiny_base
 from phi3v_recipes.model.modeling_phi3v import set_supervised_logits
 from phi3v_recipes.preemption import StopSignals
+from phi3v_recipes.report import write_report
 from phi3v_recipes.rundir import (
     RunLock,
     check_same_run,
@@ -245,6 +246,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         print(summary(metrics), flush=True)
         log_to_files(summary(metrics))
+        write_report(run_dir, on_error="warn")  # report.html: plots, predictions gallery, config
     return metrics
 
 

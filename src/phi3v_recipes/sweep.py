@@ -23,6 +23,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from phi3v_recipes.files import atomic_write_text
+from phi3v_recipes.report import write_report
 from phi3v_recipes.rundir import METRICS
 from phi3v_recipes.status import read_status, selection_score
 
@@ -102,7 +103,7 @@ class SweepSummary(Callback):
         rows = write_summary(sweep_dir)
         text = (sweep_dir / "summary.txt").read_text()
         print(f"\nsweep summary ({sweep_dir / 'summary.txt'}):\n{text}", flush=True)
-        # The sweep's report goes here, after the summary and before the exit code.
+        write_report(sweep_dir, on_error="warn")  # report.html: jobs ranked, metric per parameter, losses
         unfinished = [r for r in rows if r["status"] != "done"]
         if not unfinished:
             return

@@ -8,7 +8,7 @@
 
 The run directory ends with the final model (full weights, or the LoRA adapter) and processor files,
 `checkpoint-*` directories, `config.yaml` (the resolved config), `metrics.json`, predictions of each evaluation,
-`skipped.txt` when data.on_error=skip dropped samples, and tensorboard logs under `runs/`.
+`skipped.txt` when data.on_error=skip dropped samples, tensorboard logs under `runs/`, and `report.html` (report/).
 """
 
 import json
@@ -38,6 +38,7 @@ from phi3v_recipes.loading import TINY, load_model, load_processor, model_path, 
 from phi3v_recipes.model.metadata import finish_saved_model
 from phi3v_recipes.model.modeling_phi3v import set_supervised_logits
 from phi3v_recipes.preemption import StopSignals
+from phi3v_recipes.report import write_report
 from phi3v_recipes.rundir import METRICS, SKIPPED, open_run_dir, read_skipped, record_skipped
 from phi3v_recipes.strategy import apply_strategy
 from phi3v_recipes.trackers import Trackers, hf_report_to
@@ -194,6 +195,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         atomic_write_text(run_dir / METRICS, json.dumps(metrics, indent=2) + "\n")
         print(summary(metrics), flush=True)
         log_to_files(summary(metrics))
+        write_report(run_dir, on_error="warn")  # report.html: plots, predictions gallery, config
     trackers.finish(metrics, step)  # after metrics.json: a tracker run marked finished is a finished run
     return metrics
 

@@ -104,6 +104,9 @@ SETTINGS = (
     Setting("eval.max_new_tokens", int, 1),
     Setting("eval.batch_size", int, 1),
     Setting("eval.max_samples", int, 1, nullable=True),
+    Setting("eval.every_steps", int, 1, nullable=True),
+    Setting("eval.keep_best", bool),
+    Setting("eval.patience", int, 1, nullable=True),
     Setting("task.train_size", int, 1),
     Setting("task.eval_size", int, 0),
     Setting("task.seed", int, 0),
@@ -174,6 +177,11 @@ def validate(cfg: DictConfig, world: int | None = None) -> None:
         cfg.train.epochs > 0 or cfg.train.max_steps > 0,
         f"train.epochs={cfg.train.epochs} with train.max_steps={cfg.train.max_steps} trains nothing; set "
         "train.epochs > 0 or train.max_steps > 0.",
+    )
+    _require(
+        cfg.eval.get("patience") is None or cfg.eval.get("every_steps") is not None,
+        f"eval.patience={cfg.eval.get('patience')} counts evaluations during training, but eval.every_steps is "
+        "null; set eval.every_steps=N as well, or eval.patience=null.",
     )
     check_output_dir(output_dir(cfg))
     if "report_to" in cfg:

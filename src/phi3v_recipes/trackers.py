@@ -359,7 +359,7 @@ class TrackerCallback(TrainerCallback):
         self.trainer = trainer
 
     def steps(self) -> list[dict[str, Any]]:
-        return self.trainer.steps
+        return self.trainer.step_records()
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         # a resumed launch: steps its checkpoint saved that the dead launch never sent

@@ -3,12 +3,15 @@
     validate config -> TrainingArguments (joins the process group)
     -> open the run directory (lock, incomplete checkpoints out, resume point, the record: rundir.py)
     -> task samples -> processor -> screen bad samples (data.on_error) -> model + strategy -> eval before
-    -> RecipeTrainer.train (guarded steps, atomic checkpoints; a stop signal saves and exits: trainer.py)
-    -> save model + processor (finite weights only) -> eval after -> metrics.json + summary
+    -> RecipeTrainer.train (guarded steps, atomic checkpoints; a stop signal saves and exits: trainer.py;
+       evaluations every eval.every_steps with eval.patience: selection.py)
+    -> the best evaluation's weights (eval.keep_best) -> save model + processor (finite weights only)
+    -> eval after -> metrics.json + summary
 
 The run directory ends with the final model (full weights, or the LoRA adapter) and processor files,
-`checkpoint-*` directories, `config.yaml` (the resolved config), `metrics.json`, predictions of each evaluation,
-`skipped.txt` when data.on_error=skip dropped samples, tensorboard logs under `runs/`, and `report.html` (report/).
+`checkpoint-*` directories, `config.yaml` (the resolved config), `metrics.json`, predictions of each evaluation
+(`eval_step-N_predictions.jsonl` for those during training), `skipped.txt` when data.on_error=skip dropped
+samples, tensorboard logs under `runs/`, and `report.html` (report/).
 """
 
 import json
@@ -40,6 +43,7 @@ from phi3v_recipes.model.modeling_phi3v import set_supervised_logits
 from phi3v_recipes.preemption import StopSignals
 from phi3v_recipes.report import write_report
 from phi3v_recipes.rundir import METRICS, SKIPPED, open_run_dir, read_skipped, record_skipped
+from phi3v_recipes.selection import Evaluations, predictions_name
 from phi3v_recipes.strategy import apply_strategy
 from phi3v_recipes.trackers import Trackers, hf_report_to
 from phi3v_recipes.trainer import RecipeTrainer, all_finite
@@ -86,7 +90,7 @@ def training_arguments(cfg: DictConfig, run_dir: Path) -> TrainingArguments:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train and evaluate as `cfg` says; return the metrics (also written to <run dir>/metrics.json)."""
-    start = time.perf_counter()
+    start, launch_started = time.perf_counter(), time.time()
     logging.captureWarnings(True)  # library warnings go to train.log too
     log.info("command: %s", " ".join(sys.orig_argv))
     log.info("overrides: %s", " ".join(launch_overrides()) or "none")
@@ -99,7 +103,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     set_seed(cfg.train.seed)
 
     train_samples, train_problems = load_split(cfg.task, "train")
-    wants_eval = cfg.eval.before or cfg.eval.after
+    wants_eval = cfg.eval.before or cfg.eval.after or cfg.eval.every_steps is not None
     eval_samples, eval_problems = load_split(cfg.task, "eval") if wants_eval else ([], [])
 
     path = model_path(cfg, run_dir)
@@ -124,6 +128,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         record_skipped(run_dir, skipped + eval_skipped)
     if not train_samples:
         raise SampleError(f"task={cfg.task.name} has no usable training samples.")
+    if cfg.eval.every_steps is not None and not eval_samples:
+        raise ConfigError(f"eval.every_steps={cfg.eval.every_steps} evaluates the held-out set, but task="
+                          f"{cfg.task.name} has no usable held-out samples; give the task a held-out set or set "
+                          "eval.every_steps=null.")
 
     model = apply_strategy(load_model(cfg, path), cfg)
     metric = cfg.task.metric
@@ -143,6 +151,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             metrics["eval_before"] = earlier
             log.info("eval_before: %s = %.4f, as measured by the first launch of this run", metric, earlier)
 
+    def evaluate_at(net: torch.nn.Module, step: int) -> float:  # an evaluation during training
+        return evaluate(net, processor, eval_samples, metric, cfg.eval.batch_size, cfg.eval.max_new_tokens,
+                        run_dir / predictions_name(step))
+
     set_supervised_logits(model, cfg.train.supervised_logits)
     stop_signals = StopSignals(cfg.run.stop_signals)  # before the DataLoader forks its workers
     trainer = RecipeTrainer(
@@ -156,6 +168,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                      lengths=train_lengths),
         data_collator=build_collator(cfg.data, processor.tokenizer.pad_token_id, cfg.model.attn_implementation),
         processing_class=processor,
+        evaluations=Evaluations(cfg.eval.every_steps, cfg.eval.patience),
+        evaluator=evaluate_at,
+        launch_started=launch_started,
     )
     trainer.add_callback(trackers.callback(trainer))
     result = trainer.train(resume_from_checkpoint=resume)
@@ -173,6 +188,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if step == 0:
         raise ConfigError(f"task={cfg.task.name} gave no training step ({len(train_samples)} samples, train.epochs="
                           f"{cfg.train.epochs}, train.max_steps={cfg.train.max_steps}); nothing was saved.")
+    model_step = trainer.load_best() if cfg.eval.keep_best else step
     trainer.save_model(str(run_dir))
     if main:  # config.json / generation_config.json / tokenizer metadata for serving, and the shipped model code
         finish_saved_model(run_dir)
@@ -180,16 +196,22 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.eval.after:
         run_eval("eval_after", trainer.model)
 
+    trainer.close_launch()
+    totals = trainer.run_totals()
     metrics.update(
-        train_loss=sum(trainer.step_losses) / len(trainer.step_losses),
+        train_loss=totals["train_loss"],
         train_samples=len(train_samples),
         eval_samples=len(eval_samples),
         skipped_samples=len(read_skipped(run_dir)),
-        train_samples_per_second=result.metrics.get("train_samples_per_second"),
-        train_runtime_s=result.metrics.get("train_runtime"),
+        train_samples_per_second=totals["train_samples_per_second"],
+        train_runtime_s=totals["train_runtime"],
         global_steps=result.global_step,
-        wall_time_s=round(time.perf_counter() - start, 2),
+        wall_time_s=round(sum(entry["wall_time_s"] for entry in trainer.launches), 2),
+        launch_wall_time_s=round(time.perf_counter() - start, 2),
         output_dir=str(run_dir),
+        **selection_record(trainer, metrics.get("eval_after"), model_step),
+        steps=trainer.step_records(),
+        launches=trainer.launches,
     )
     if main:
         atomic_write_text(run_dir / METRICS, json.dumps(metrics, indent=2) + "\n")
@@ -198,6 +220,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         write_report(run_dir, on_error="warn")  # report.html: plots, predictions gallery, config
     trackers.finish(metrics, step)  # after metrics.json: a tracker run marked finished is a finished run
     return metrics
+
+
+def selection_record(trainer: RecipeTrainer, eval_after: float | None, model_step: int) -> dict[str, Any]:
+    """metrics.json's model-selection keys: `evals` ([{step, score}]), `best` ({step, score} or null),
+    `selection_score` (best.score when evaluating during training, else eval_after), `early_stop` (null or
+    {step, evaluations_without_improvement}) and `model_step` (the step whose weights are the final model)."""
+    evaluations = trainer.evaluations
+    best = evaluations.best
+    return {
+        "evals": evaluations.evals,
+        "best": best,
+        "selection_score": best["score"] if evaluations.enabled and best is not None else eval_after,
+        "early_stop": trainer.early_stop,
+        "model_step": model_step,
+    }
 
 
 def earlier_score(predictions: Path, samples: list[Sample]) -> float | None:
@@ -215,9 +252,19 @@ def summary(metrics: dict[str, Any]) -> str:
     before, after = metrics.get("eval_before"), metrics.get("eval_after")
     score = " -> ".join(f"{v:.3f}" for v in (before, after) if v is not None) or "not evaluated"
     speed = metrics.get("train_samples_per_second")
-    return "\n".join([
+    lines = [
         f"== phi3v-recipes: task={metrics['task']} strategy={metrics['strategy']} ==",
         f"{metrics['metric']} (eval before -> after): {score}",
+    ]
+    if metrics.get("best") is not None:
+        best, stop = metrics["best"], metrics.get("early_stop")
+        lines.append(
+            f"best {metrics['metric']} {best['score']:.3f} at step {best['step']} of {len(metrics['evals'])} "
+            f"evaluations; final model: step {metrics['model_step']}"
+            + (f"; stopped early at step {stop['step']} ({stop['evaluations_without_improvement']} evaluations "
+               "without improvement)" if stop else ""))
+    return "\n".join([
+        *lines,
         f"train loss {metrics['train_loss']:.4f} over {metrics['global_steps']} steps; "
         f"{speed if speed is not None else float('nan'):.2f} samples/s; wall time {metrics['wall_time_s']:.1f} s",
         f"model and processor: {metrics['output_dir']}",

@@ -45,8 +45,8 @@ def exit_on_user_error(run: Callable[[DictConfig], T], cfg: DictConfig) -> T:
             print(f"error: {stop}" if stop.exit_code == 1 else f"stopped: {stop}", file=sys.stderr, flush=True)
         sys.exit(stop.exit_code)
     except KeyboardInterrupt:
-        print("interrupted (nothing is saved outside training: a run saves a checkpoint on Ctrl-C once training "
-              "has started)", file=sys.stderr, flush=True)
+        print("interrupted before training started or after it ended (during training, Ctrl-C saves a checkpoint "
+              "first)", file=sys.stderr, flush=True)
         sys.exit(130)
     import torch.distributed as dist
 

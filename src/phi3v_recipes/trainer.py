@@ -132,7 +132,14 @@ class RecipeTrainer(Trainer):
                     "shards depend on it).")
             self.step_losses = list(state["step_losses"])
             log.info("resuming from %s at step %d", resume_from_checkpoint, len(self.step_losses))
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        try:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        except KeyboardInterrupt:  # a second Ctrl-C (preemption.py): stop at once and say what is kept
+            kept = checkpoints(self.run_dir)
+            where = (f"{kept[-1]} is the newest checkpoint kept; {resume_command(self.run_dir)} to resume from it"
+                     if kept else f"no checkpoint was saved yet; {resume_command(self.run_dir)} to start again")
+            raise RunStopped(f"interrupted by a second Ctrl-C at step {self.state.global_step}, before its "
+                             f"checkpoint was written: {where}.", exit_code=130) from None
 
     def training_step(self, model: torch.nn.Module, inputs: dict, num_items_in_batch: Any = None) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)

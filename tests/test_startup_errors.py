@@ -156,6 +156,9 @@ COMPOSITION_CASES = {
     "export": ("phi3v_recipes.export", ["+dtypes=float32", "output=out"],
                "error: +dtypes: the configuration has no section or key dtypes (did you mean dtype?)"),
     "plan": ("phi3v_recipes.plan", ["world_sise=4"], "error: world_sise: the configuration has no section or key"),
+    # plan refuses what training refuses, with training's sentence (config.gradient_accumulation)
+    "plan_world": ("phi3v_recipes.plan", ["task=nlvr2", "world_size=128"],
+                   "error: train.global_batch_size=64 is not divisible by world size 128 x train.batch_size=1;"),
 }
 
 

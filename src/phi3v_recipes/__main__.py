@@ -11,13 +11,14 @@ import os
 import hydra
 from omegaconf import DictConfig
 
-from phi3v_recipes.cli import register_resolvers
+from phi3v_recipes.cli import one_sentence_errors, register_resolvers
 
 register_resolvers()
 # The tokenizer runs in the main process before the DataLoader forks its workers: keep it single-threaded there.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@one_sentence_errors
 @hydra.main(version_base="1.3", config_path="pkg://phi3v_recipes.conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Train; record how the launch ended (status.json); return the selection score (what a sweeper optimises)."""

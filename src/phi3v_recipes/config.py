@@ -16,11 +16,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from phi3v_recipes.cluster import explicit_output_dir, in_submitit_job, output_dir, world_size
-from phi3v_recipes.errors import ConfigError, check_on_error
+from phi3v_recipes.errors import ConfigError, check_on_error, closest
 
 STRATEGIES = ("full", "frozen_vision", "lora", "qlora")
 PRECISIONS = ("bf16", "fp16", "fp32")
 ATTENTION = ("eager", "sdpa", "flash_attention_2")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -140,6 +141,15 @@ def check_output_dir(path: str | Path, setting: str = "run.output_dir") -> None:
             return
 
 
+def check_scheduler(name: Any) -> None:
+    """ConfigError unless `name` is one of transformers' learning-rate schedules (optim.scheduler)."""
+    from transformers import SchedulerType
+
+    known = [s.value for s in SchedulerType]
+    _require(name in known, f"optim.scheduler={name} is not a transformers learning-rate schedule{closest(name, known)}; "
+                            f"choose one of {', '.join(known)}.")
+
+
 def uses_deepspeed(cfg: DictConfig) -> bool:
     return bool(cfg.strategy.get("deepspeed")) and bool(cfg.hardware.deepspeed)
 
@@ -173,6 +183,7 @@ def validate(cfg: DictConfig, world: int | None = None) -> None:
     _require(OmegaConf.is_list(betas) and len(betas) == 2, f"optim.betas={betas}: give two numbers, [beta1, beta2].")
     check_settings(cfg)
     check_on_error(cfg.data.on_error)
+    check_scheduler(cfg.optim.scheduler)
     _require(
         cfg.train.epochs > 0 or cfg.train.max_steps > 0,
         f"train.epochs={cfg.train.epochs} with train.max_steps={cfg.train.max_steps} trains nothing; set "
@@ -215,6 +226,8 @@ def validate(cfg: DictConfig, world: int | None = None) -> None:
 def check_hardware(cfg: DictConfig) -> None:
     """Attention, precision and device settings that this machine can run (training and inference)."""
     model, hardware = cfg.model, cfg.hardware
+    _require(model.dtype in DTYPES, f"model.dtype={model.dtype}: choose one of {', '.join(DTYPES)}"
+                                    f"{closest(model.dtype, list(DTYPES))}.")
     if hardware.name != "cpu":
         import torch
 

@@ -28,7 +28,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from phi3v_recipes.cli import exit_on_user_error, register_resolvers
+from phi3v_recipes.cli import exit_on_user_error, one_sentence_errors, register_resolvers
 from phi3v_recipes.errors import ConfigError
 from phi3v_recipes.rundir import checkpoints, run_config
 
@@ -179,6 +179,7 @@ def summary(result: dict[str, Any], output: Path) -> str:
     return "\n".join(lines)
 
 
+@one_sentence_errors
 @hydra.main(version_base="1.3", config_path="pkg://phi3v_recipes.conf", config_name="export")
 def main(cfg: DictConfig) -> None:
     exit_on_user_error(run, cfg)

@@ -176,9 +176,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     result = trainer.train(resume_from_checkpoint=resume)
     step = trainer.state.global_step
     if trainer.stopped_by:
-        message = (f"stopped by {trainer.stopped_by} at step {step}: checkpoint-{step} is saved in {run_dir}; run "
-                   f"{resume_command(run_dir)} to resume.")
-        log.warning("%s", message)
+        message = (f"stopped by {trainer.stopped_by} at step {step}: checkpoint-{step} is saved in {run_dir}; "
+                   f"{resume_command(run_dir)} to resume.")  # logged and printed once, by cli.exit_on_user_error
         stop_signals.chain()  # a cluster launcher's handler may requeue the job here
         raise RunStopped(message, exit_code=128 + (stop_signals.received or signal.SIGTERM))
     stop_signals.restore()

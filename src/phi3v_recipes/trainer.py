@@ -169,7 +169,14 @@ class RecipeTrainer(Trainer):
         self._guarded_step = len(self.step_losses)
         self.launches.append({"start_step": len(self.step_losses), "started": _iso(self._launch_started)})
         self._train_started = time.time()
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        try:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        except KeyboardInterrupt:  # a second Ctrl-C (preemption.py): stop at once and say what is kept
+            kept = checkpoints(self.run_dir)
+            where = (f"{kept[-1]} is the newest checkpoint kept; {resume_command(self.run_dir)} to resume from it"
+                     if kept else f"no checkpoint was saved yet; {resume_command(self.run_dir)} to start again")
+            raise RunStopped(f"interrupted by a second Ctrl-C at step {self.state.global_step}, before its "
+                             f"checkpoint was written: {where}.", exit_code=130) from None
 
     def on_train_begin(self) -> None:
         """Called once the resumed weights are loaded, before the first step: runs the evaluation that a stop signal

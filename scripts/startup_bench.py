@@ -26,12 +26,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 PAGE_SIZE = (1700, 2200)
+STAMP = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]")
+STAMP_FORMAT = "%Y-%m-%d %H:%M:%S,%f"
 DISTINCT_PAGES = 64
 
 
@@ -80,21 +83,30 @@ def write_data(root: Path, pages: int) -> Path:
 
 def launch(args: list[str], log: Path) -> dict:
     """Run `python -m phi3v_recipes args` until its first step's log line, then SIGTERM it (it checkpoints and
-    exits); (seconds to that line, the screen's log line, exit code)."""
+    exits): seconds from the start of the process to that line, and from the run's first log line ("command:",
+    once Python, torch and transformers are imported) to it; the screen's log line; the exit code."""
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "phi3v_recipes", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    first_step, screen = None, None
+    first_step, screen, stamps = None, None, {}
     with log.open("w") as out:
         for line in proc.stdout:
             out.write(line)
+            stamp = STAMP.search(line)
             if "screen of the training data" in line:
                 screen = line.split(" - ", 1)[-1].strip()
-            if first_step is None and re.search(r"\] - step \d+/\d+: loss", line):
-                first_step = time.perf_counter() - start
+            if stamp and "] - command: " in line:
+                stamps["command"] = stamp.group(1)
+            if first_step is None and stamp and re.search(r"\] - step \d+/\d+: loss", line):
+                first_step, stamps["step"] = time.perf_counter() - start, stamp.group(1)
                 proc.send_signal(signal.SIGTERM)
     code = proc.wait()
-    return {"to_first_step_s": None if first_step is None else round(first_step, 2), "screen": screen,
+    logged = None
+    if len(stamps) == 2:
+        logged = (datetime.strptime(stamps["step"], STAMP_FORMAT)
+                  - datetime.strptime(stamps["command"], STAMP_FORMAT)).total_seconds()
+    return {"to_first_step_s": None if first_step is None else round(first_step, 2),
+            "log_to_first_step_s": None if logged is None else round(logged, 2), "screen": screen,
             "exit_code": code, "log": str(log)}
 
 
@@ -115,16 +127,17 @@ def main() -> int:
     for repeat in range(opts.repeats):
         run_dir = opts.data / f"run-{opts.pages}-{repeat}"
         shutil.rmtree(run_dir, ignore_errors=True)
-        args = ["task=jsonl", "model=tiny", "hardware=cpu", f"task.train_file={jsonl}", f"task.image_root={opts.data}/pages",
-                "data.num_crops=16", f"data.screen_workers={opts.screen_workers}", "train.batch_size=1",
+        args = ["task=jsonl", "model=tiny", "hardware=cpu", f"task.train_file={jsonl}",
+                f"task.image_root={opts.data / 'pages'}", "data.num_crops=16", f"data.screen_workers={opts.screen_workers}", "train.batch_size=1",
                 "train.global_batch_size=1", "train.max_steps=4", "train.save_steps=100", "train.logging_steps=1",
                 "optim.warmup_steps=0", "eval.before=false", "eval.after=false", "report_to=none",
                 f"run.output_dir={run_dir}", *opts.overrides]
         first = launch(args, opts.data / f"first-{opts.pages}-{repeat}.log")
         again = launch(args, opts.data / f"relaunch-{opts.pages}-{repeat}.log")
-        ratio = (again["to_first_step_s"] / first["to_first_step_s"]
-                 if first["to_first_step_s"] and again["to_first_step_s"] else None)
-        results.append({"first_launch": first, "relaunch": again, "ratio": None if ratio is None else round(ratio, 3)})
+        ratios = {key: round(again[key] / first[key], 3) if first[key] and again[key] else None
+                  for key in ("to_first_step_s", "log_to_first_step_s")}
+        results.append({"first_launch": first, "relaunch": again, "ratio": ratios["to_first_step_s"],
+                        "log_ratio": ratios["log_to_first_step_s"]})
         print(json.dumps(results[-1], indent=2), flush=True)
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     summary = {"pages": opts.pages, "page_size": PAGE_SIZE, "screen_workers": opts.screen_workers,
@@ -132,8 +145,10 @@ def main() -> int:
     if opts.output:
         opts.output.write_text(json.dumps(summary, indent=2) + "\n")
     for pair in results:
-        print(f"{opts.pages} pages: first launch {pair['first_launch']['to_first_step_s']} s, relaunch "
-              f"{pair['relaunch']['to_first_step_s']} s to the first step (ratio {pair['ratio']})")
+        first, again = pair["first_launch"], pair["relaunch"]
+        print(f"{opts.pages} pages, to the first step: first launch {first['to_first_step_s']} s, relaunch "
+              f"{again['to_first_step_s']} s (ratio {pair['ratio']}); from the first log line "
+              f"{first['log_to_first_step_s']} s and {again['log_to_first_step_s']} s (ratio {pair['log_ratio']})")
     if not opts.keep_data:
         shutil.rmtree(opts.data, ignore_errors=True)
     return 0 if all(p["ratio"] is not None for p in results) else 1

@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 PAGE_SIZE = (1700, 2200)
-STAMP = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]")
+STAMP = r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]\[phi3v_recipes\]\[INFO\] - "
 STAMP_FORMAT = "%Y-%m-%d %H:%M:%S,%f"
 DISTINCT_PAGES = 64
 
@@ -92,14 +92,13 @@ def launch(args: list[str], log: Path) -> dict:
     with log.open("w") as out:
         for line in proc.stdout:
             out.write(line)
-            stamp = STAMP.search(line)
             if "screen of the training data" in line:
                 screen = line.split(" - ", 1)[-1].strip()
-            if stamp and "] - command: " in line:
-                stamps["command"] = stamp.group(1)
-            if first_step is None and stamp and re.search(r"\] - step \d+/\d+: loss", line):
-                first_step, stamps["step"] = time.perf_counter() - start, stamp.group(1)
-                proc.send_signal(signal.SIGTERM)
+            if command := re.search(STAMP + "command: ", line):
+                stamps["command"] = command.group(1)
+            if first_step is None and (step := re.search(STAMP + r"step \d+/\d+: loss", line)):
+                first_step, stamps["step"] = time.perf_counter() - start, step.group(1)
+                proc.send_signal(signal.SIGTERM)  # the line may follow a progress bar on the same line
     code = proc.wait()
     logged = None
     if len(stamps) == 2:

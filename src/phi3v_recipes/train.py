@@ -2,13 +2,15 @@
 
     validate config -> TrainingArguments (joins the process group)
     -> open the run directory (lock, incomplete checkpoints out, resume point, the record: rundir.py)
-    -> task samples -> processor -> screen bad samples (data.on_error) -> model + strategy -> eval before
+    -> task samples -> processor -> screen bad samples (data.on_error; kept for relaunches: data/screen_cache.py)
+    -> model + strategy -> eval before
     -> RecipeTrainer.train (guarded steps, atomic checkpoints; a stop signal saves and exits: trainer.py)
     -> save model + processor (finite weights only) -> eval after -> metrics.json + summary
 
 The run directory ends with the final model (full weights, or the LoRA adapter) and processor files,
 `checkpoint-*` directories, `config.yaml` (the resolved config), `metrics.json`, predictions of each evaluation,
-`skipped.txt` when data.on_error=skip dropped samples, and tensorboard logs under `runs/`.
+`skipped.txt` when data.on_error=skip dropped samples, `screen_cache.jsonl` (the screen's verdicts, which a
+relaunch reads instead of decoding every image again), and tensorboard logs under `runs/`.
 """
 
 import json

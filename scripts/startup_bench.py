@@ -3,15 +3,17 @@ docs/performance.md):
 
     .venv/bin/python scripts/startup_bench.py --pages 1000 [--repeats 2] [--screen_workers 1] [--data DIR]
                                               [--output startup.json] [--keep_data] [-- <more overrides>]
+    .venv/bin/python scripts/startup_bench.py --pages 600 --screen_only 1,2 --repeats 3    (the screen alone)
 
 Writes N pages (1700x2200 RGB JPEG, ~0.4 MB each, lines of dark "words" on light grey with a little noise:
 decoding one takes about as long as a scanned DocVQA page; 64 drawn pages, each file made distinct by a JPEG
 comment) and a jsonl with one question per page, into --data (reused when the files are there). Then, per repeat,
 in a fresh run directory, two launches of the same command (`task=jsonl model=tiny hardware=cpu data.num_crops=16`,
-batch 1, no evaluation): the first launch is stopped with SIGTERM after its first step (it saves checkpoint-1 and
-exits 143, like a preempted job), then the same command relaunched resumes, and is stopped after its first step
-too. For each launch: the seconds from starting the process to its first step's log line, the screen's own log
-line, and the exit code. The data is removed at the end unless --keep_data.
+batch 1, no evaluation): the first launch gets SIGTERM once its first step is logged (it finishes the step under
+way, saves a checkpoint and exits 143, like a preempted job), then the same command relaunched resumes from that
+checkpoint and is stopped the same way. For each launch: the seconds from starting the process to its first step's log line, the screen's own log
+line, and the exit code. With --screen_only, the first screen alone is timed in this process, with each process
+count in turn. The data is removed at the end unless --keep_data.
 """
 
 import argparse
@@ -109,6 +111,29 @@ def launch(args: list[str], log: Path) -> dict:
             "exit_code": code, "log": str(log)}
 
 
+def screen_only(jsonl: Path, pages: Path, workers: list[int], repeats: int) -> list[dict]:
+    """The first screen alone, in this process: `ScreenCache.verdicts` of every page with each worker count in
+    turn (A B A B ..., so that a drift in the machine's load touches both alike), each time without a cache."""
+    from phi3v_recipes.data.jsonl import read_jsonl
+    from phi3v_recipes.data.screen_cache import ScreenCache
+    from phi3v_recipes.model.tiny import build_tiny_processor
+
+    samples, _ = read_jsonl(jsonl, pages)
+    processor = build_tiny_processor(num_crops=16, num_img_tokens=144)
+    rounds = []
+    for _ in range(repeats):
+        seconds = {}
+        for count in workers:
+            with tempfile.TemporaryDirectory() as empty:
+                cache = ScreenCache(Path(empty), processor, None, 89478485, workers=count, write=False)
+                start = time.perf_counter()
+                cache.verdicts(samples)
+                seconds[count] = round(time.perf_counter() - start, 2)
+        rounds.append({"seconds": seconds, "load_average": os.getloadavg()})
+        print(json.dumps(rounds[-1]), flush=True)
+    return rounds
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pages", type=int, default=600)
@@ -117,11 +142,22 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "phi3v-startup-bench")
     parser.add_argument("--output", type=Path, default=None, help="write the figures here as JSON")
     parser.add_argument("--keep_data", action="store_true", help="keep the pages and runs for another measure")
+    parser.add_argument("--screen_only", default=None, metavar="N,M",
+                        help="instead of launches: time the first screen alone with N, then M processes, --repeats "
+                             "times (e.g. 1,2)")
     parser.add_argument("overrides", nargs="*", help="more overrides for both launches (after --)")
     opts = parser.parse_args()
     started = time.perf_counter()
     jsonl = write_data(opts.data, opts.pages)
     print(f"{opts.pages} pages in {opts.data} ({time.perf_counter() - started:.0f} s to write)", flush=True)
+    if opts.screen_only:
+        rounds = screen_only(jsonl, opts.data / "pages", [int(n) for n in opts.screen_only.split(",")], opts.repeats)
+        if opts.output:
+            opts.output.write_text(json.dumps({"pages": opts.pages, "cores": os.cpu_count(), "rounds": rounds},
+                                              indent=2) + "\n")
+        if not opts.keep_data:
+            shutil.rmtree(opts.data, ignore_errors=True)
+        return 0
     results = []
     for repeat in range(opts.repeats):
         run_dir = opts.data / f"run-{opts.pages}-{repeat}"

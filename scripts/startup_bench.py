@@ -3,15 +3,17 @@ docs/performance.md):
 
     .venv/bin/python scripts/startup_bench.py --pages 1000 [--repeats 2] [--screen_workers 1] [--data DIR]
                                               [--output startup.json] [--keep_data] [-- <more overrides>]
+    .venv/bin/python scripts/startup_bench.py --pages 600 --screen_only 1,2 --repeats 3    (the screen alone)
 
 Writes N pages (1700x2200 RGB JPEG, ~0.4 MB each, lines of dark "words" on light grey with a little noise:
 decoding one takes about as long as a scanned DocVQA page; 64 drawn pages, each file made distinct by a JPEG
 comment) and a jsonl with one question per page, into --data (reused when the files are there). Then, per repeat,
 in a fresh run directory, two launches of the same command (`task=jsonl model=tiny hardware=cpu data.num_crops=16`,
-batch 1, no evaluation): the first launch is stopped with SIGTERM after its first step (it saves checkpoint-1 and
-exits 143, like a preempted job), then the same command relaunched resumes, and is stopped after its first step
-too. For each launch: the seconds from starting the process to its first step's log line, the screen's own log
-line, and the exit code. The data is removed at the end unless --keep_data.
+batch 1, no evaluation): the first launch gets SIGTERM once its first step is logged (it finishes the step under
+way, saves a checkpoint and exits 143, like a preempted job), then the same command relaunched resumes from that
+checkpoint and is stopped the same way. For each launch: the seconds from starting the process to its first step's log line, the screen's own log
+line, and the exit code. With --screen_only, the first screen alone is timed in this process, with each process
+count in turn. The data is removed at the end unless --keep_data.
 """
 
 import argparse
@@ -26,12 +28,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 PAGE_SIZE = (1700, 2200)
+STAMP = r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]\[phi3v_recipes\]\[INFO\] - "
+STAMP_FORMAT = "%Y-%m-%d %H:%M:%S,%f"
 DISTINCT_PAGES = 64
 
 
@@ -80,22 +85,53 @@ def write_data(root: Path, pages: int) -> Path:
 
 def launch(args: list[str], log: Path) -> dict:
     """Run `python -m phi3v_recipes args` until its first step's log line, then SIGTERM it (it checkpoints and
-    exits); (seconds to that line, the screen's log line, exit code)."""
+    exits): seconds from the start of the process to that line, and from the run's first log line ("command:",
+    once Python, torch and transformers are imported) to it; the screen's log line; the exit code."""
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "phi3v_recipes", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    first_step, screen = None, None
+    first_step, screen, stamps = None, None, {}
     with log.open("w") as out:
         for line in proc.stdout:
             out.write(line)
             if "screen of the training data" in line:
                 screen = line.split(" - ", 1)[-1].strip()
-            if first_step is None and re.search(r"\] - step \d+/\d+: loss", line):
-                first_step = time.perf_counter() - start
-                proc.send_signal(signal.SIGTERM)
+            if command := re.search(STAMP + "command: ", line):
+                stamps["command"] = command.group(1)
+            if first_step is None and (step := re.search(STAMP + r"step \d+/\d+: loss", line)):
+                first_step, stamps["step"] = time.perf_counter() - start, step.group(1)
+                proc.send_signal(signal.SIGTERM)  # the line may follow a progress bar on the same line
     code = proc.wait()
-    return {"to_first_step_s": None if first_step is None else round(first_step, 2), "screen": screen,
+    logged = None
+    if len(stamps) == 2:
+        logged = (datetime.strptime(stamps["step"], STAMP_FORMAT)
+                  - datetime.strptime(stamps["command"], STAMP_FORMAT)).total_seconds()
+    return {"to_first_step_s": None if first_step is None else round(first_step, 2),
+            "log_to_first_step_s": None if logged is None else round(logged, 2), "screen": screen,
             "exit_code": code, "log": str(log)}
+
+
+def screen_only(jsonl: Path, pages: Path, workers: list[int], repeats: int) -> list[dict]:
+    """The first screen alone, in this process: `ScreenCache.verdicts` of every page with each worker count in
+    turn (A B A B ..., so that a drift in the machine's load touches both alike), each time without a cache."""
+    from phi3v_recipes.data.jsonl import read_jsonl
+    from phi3v_recipes.data.screen_cache import ScreenCache
+    from phi3v_recipes.model.tiny import build_tiny_processor
+
+    samples, _ = read_jsonl(jsonl, pages)
+    processor = build_tiny_processor(num_crops=16, num_img_tokens=144)
+    rounds = []
+    for _ in range(repeats):
+        seconds = {}
+        for count in workers:
+            with tempfile.TemporaryDirectory() as empty:
+                cache = ScreenCache(Path(empty), processor, None, 89478485, workers=count, write=False)
+                start = time.perf_counter()
+                cache.verdicts(samples)
+                seconds[count] = round(time.perf_counter() - start, 2)
+        rounds.append({"seconds": seconds, "load_average": os.getloadavg()})
+        print(json.dumps(rounds[-1]), flush=True)
+    return rounds
 
 
 def main() -> int:
@@ -106,25 +142,37 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "phi3v-startup-bench")
     parser.add_argument("--output", type=Path, default=None, help="write the figures here as JSON")
     parser.add_argument("--keep_data", action="store_true", help="keep the pages and runs for another measure")
+    parser.add_argument("--screen_only", default=None, metavar="N,M",
+                        help="instead of launches: time the first screen alone with N, then M processes, --repeats "
+                             "times (e.g. 1,2)")
     parser.add_argument("overrides", nargs="*", help="more overrides for both launches (after --)")
     opts = parser.parse_args()
     started = time.perf_counter()
     jsonl = write_data(opts.data, opts.pages)
     print(f"{opts.pages} pages in {opts.data} ({time.perf_counter() - started:.0f} s to write)", flush=True)
+    if opts.screen_only:
+        rounds = screen_only(jsonl, opts.data / "pages", [int(n) for n in opts.screen_only.split(",")], opts.repeats)
+        if opts.output:
+            opts.output.write_text(json.dumps({"pages": opts.pages, "cores": os.cpu_count(), "rounds": rounds},
+                                              indent=2) + "\n")
+        if not opts.keep_data:
+            shutil.rmtree(opts.data, ignore_errors=True)
+        return 0
     results = []
     for repeat in range(opts.repeats):
         run_dir = opts.data / f"run-{opts.pages}-{repeat}"
         shutil.rmtree(run_dir, ignore_errors=True)
-        args = ["task=jsonl", "model=tiny", "hardware=cpu", f"task.train_file={jsonl}", f"task.image_root={opts.data}/pages",
-                "data.num_crops=16", f"data.screen_workers={opts.screen_workers}", "train.batch_size=1",
+        args = ["task=jsonl", "model=tiny", "hardware=cpu", f"task.train_file={jsonl}",
+                f"task.image_root={opts.data / 'pages'}", "data.num_crops=16", f"data.screen_workers={opts.screen_workers}", "train.batch_size=1",
                 "train.global_batch_size=1", "train.max_steps=4", "train.save_steps=100", "train.logging_steps=1",
                 "optim.warmup_steps=0", "eval.before=false", "eval.after=false", "report_to=none",
                 f"run.output_dir={run_dir}", *opts.overrides]
         first = launch(args, opts.data / f"first-{opts.pages}-{repeat}.log")
         again = launch(args, opts.data / f"relaunch-{opts.pages}-{repeat}.log")
-        ratio = (again["to_first_step_s"] / first["to_first_step_s"]
-                 if first["to_first_step_s"] and again["to_first_step_s"] else None)
-        results.append({"first_launch": first, "relaunch": again, "ratio": None if ratio is None else round(ratio, 3)})
+        ratios = {key: round(again[key] / first[key], 3) if first[key] and again[key] else None
+                  for key in ("to_first_step_s", "log_to_first_step_s")}
+        results.append({"first_launch": first, "relaunch": again, "ratio": ratios["to_first_step_s"],
+                        "log_ratio": ratios["log_to_first_step_s"]})
         print(json.dumps(results[-1], indent=2), flush=True)
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     summary = {"pages": opts.pages, "page_size": PAGE_SIZE, "screen_workers": opts.screen_workers,
@@ -132,8 +180,10 @@ def main() -> int:
     if opts.output:
         opts.output.write_text(json.dumps(summary, indent=2) + "\n")
     for pair in results:
-        print(f"{opts.pages} pages: first launch {pair['first_launch']['to_first_step_s']} s, relaunch "
-              f"{pair['relaunch']['to_first_step_s']} s to the first step (ratio {pair['ratio']})")
+        first, again = pair["first_launch"], pair["relaunch"]
+        print(f"{opts.pages} pages, to the first step: first launch {first['to_first_step_s']} s, relaunch "
+              f"{again['to_first_step_s']} s (ratio {pair['ratio']}); from the first log line "
+              f"{first['log_to_first_step_s']} s and {again['log_to_first_step_s']} s (ratio {pair['log_ratio']})")
     if not opts.keep_data:
         shutil.rmtree(opts.data, ignore_errors=True)
     return 0 if all(p["ratio"] is not None for p in results) else 1

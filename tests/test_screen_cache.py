@@ -142,3 +142,20 @@ def test_screen_workers_default_to_this_ranks_share_of_the_cores(monkeypatch, en
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     assert screen_workers(None) == expected and screen_workers(3) == 3
+
+
+def test_an_unreadable_or_older_cache_is_ignored(tmp_path, caplog):
+    """A damaged cache file (or one of another SCREEN_FORMAT) costs a new screen, never a wrong verdict or a
+    crash; the damaged one is named in the log."""
+    root = write_data(tmp_path / "data")
+    samples, _ = read_jsonl(root / "train.jsonl", root / "images")
+    processor = build_tiny_processor(num_crops=1)
+    with ScreenCache(tmp_path, processor, None, None, workers=1) as cache:
+        cache.verdicts(samples)
+    text = (tmp_path / CACHE_FILE).read_text()
+    for damaged in (text[: len(text) // 2], text.replace('{"format": 1}', '{"format": 0}')):
+        (tmp_path / CACHE_FILE).write_text(damaged)
+        with ScreenCache(tmp_path, processor, None, None, workers=1) as cache:
+            assert cache.verdicts(samples)[1].startswith("7 samples, 0 from cache, 7 screened")
+    assert f"screen: {tmp_path / CACHE_FILE} cannot be read" in caplog.text
+    assert (tmp_path / CACHE_FILE).read_text() == text  # rewritten whole

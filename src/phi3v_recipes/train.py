@@ -2,7 +2,8 @@
 
     validate config -> TrainingArguments (joins the process group)
     -> open the run directory (lock, incomplete checkpoints out, resume point, the record: rundir.py)
-    -> task samples -> processor -> screen bad samples (data.on_error) -> model + strategy -> eval before
+    -> task samples -> processor -> screen bad samples (data.on_error; kept for relaunches: data/screen_cache.py)
+    -> model + strategy -> eval before
     -> RecipeTrainer.train (guarded steps, atomic checkpoints; a stop signal saves and exits: trainer.py;
        evaluations every eval.every_steps with eval.patience: selection.py)
     -> the best evaluation's weights (eval.keep_best) -> save model + processor (finite weights only)
@@ -11,7 +12,8 @@
 The run directory ends with the final model (full weights, or the LoRA adapter) and processor files,
 `checkpoint-*` directories, `config.yaml` (the resolved config), `metrics.json`, predictions of each evaluation
 (`eval_step-N_predictions.jsonl` for those during training), `skipped.txt` when data.on_error=skip dropped
-samples, tensorboard logs under `runs/`, and `report.html` (report/).
+samples, `screen_cache.jsonl` (the screen's verdicts, which a relaunch reads instead of decoding every image
+again), tensorboard logs under `runs/`, and `report.html` (report/).
 """
 
 import json

@@ -1,8 +1,9 @@
 """The pre-training screen at scale: its verdicts kept in the run directory, its first pass spread over processes
 and ranks.
 
-`check.sample_problems` decodes every image of a sample (about 20 ms for a DocVQA page), so screening a large
-dataset takes minutes, and every launch of a run (each resume after a preemption) would pay it again. Here:
+`check.sample_problems` decodes every image of a sample (tens of milliseconds for a DocVQA page on one core), so
+screening a large dataset takes minutes, and every launch of a run (each resume after a preemption) would pay it
+again. Here:
 
 - **Kept.** `<run dir>/screen_cache.jsonl` holds, per sample, the verdict (its problem sentences, none when
   usable) and its token count, under a key that hashes everything that decides them:
@@ -14,7 +15,8 @@ dataset takes minutes, and every launch of a run (each resume after a preemption
     screened again); an image of a `datasets` row, the dataset's fingerprint and the row.
   A sample whose key is in the cache is not read at all; one with an image held in memory (the demo's) has no key
   and is screened at every launch (nothing is decoded from disk for it). Rank 0 rewrites the file atomically
-  after the screen with the verdicts this launch used.
+  after the screen with the verdicts this launch used (after an error, such as bad samples with
+  data.on_error=raise, the earlier ones too). An unreadable or foreign cache file is ignored: all is screened.
 - **Spread.** Rank r screens the samples r, r + world, ... that the cache does not hold, with
   `data.screen_workers` forked processes (default: the cores this rank may use, shared with the other ranks of
   its node); the verdicts meet in one `all_gather_object`, so every rank keeps the same samples in the same order.

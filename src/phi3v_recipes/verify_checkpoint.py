@@ -98,7 +98,7 @@ def stored_tensors(directory: Path) -> tuple[dict[str, tuple[int, ...]], list[st
         weight_map, files = {}, [p.name for p in sorted(directory.glob("*.safetensors"))]
     if not files:
         problems.append("no model.safetensors and no model.safetensors.index.json")
-    if list(directory.glob("*.bin")):
+    if [p for p in directory.glob("*.bin") if p.name != "training_args.bin"]:  # the Trainer's record, not weights
         problems.append("pytorch *.bin weights beside safetensors")
     tensors: dict[str, tuple[int, ...]] = {}
     for name in files:
@@ -290,10 +290,10 @@ def _check_metadata(directory: Path, config: dict[str, Any]) -> Check:
     if tokenizer.get("tokenizer_class") != OFFICIAL_TOKENIZER_CLASS:
         problems.append(f"tokenizer_class {tokenizer.get('tokenizer_class')!r}, not {OFFICIAL_TOKENIZER_CLASS!r} as "
                         "in the official files")
-    for name in LOADER_FILES:
-        hits = absolute_paths(_read_json(directory / name) or {})
+    for file in LOADER_FILES:
+        hits = absolute_paths(_read_json(directory / file) or {})
         if hits:
-            problems.append(f"{name} records a local absolute path ({hits[0]})")
+            problems.append(f"{file} records a local absolute path ({hits[0]})")
     if problems:
         return Check(name, False, "; ".join(problems))
     return Check(name, True, f"use_cache true, eos_token_id {config.get('eos_token_id')}, stop ids {stops}, "

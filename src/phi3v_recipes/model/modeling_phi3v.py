@@ -307,13 +307,15 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
 
 def _liger_fused_linear_cross_entropy():
     """Liger's fused linear cross-entropy function, or None when liger-kernel is not installed."""
-    # The import sits under an `is_*_available()` test so that transformers' check of a remote-code file's
-    # imports does not require liger-kernel.
-    if is_liger_kernel_available():
+    if not is_liger_kernel_available():
+        return None
+    # In a try block: transformers' check of a remote-code file's imports (4.x and 5.x alike) then does not
+    # require liger-kernel.
+    try:
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-
-        return liger_fused_linear_cross_entropy
-    return None
+    except ImportError:
+        return None
+    return liger_fused_linear_cross_entropy
 
 
 class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):

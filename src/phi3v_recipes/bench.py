@@ -261,7 +261,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from phi3v_recipes.model.architecture import architecture_config
     from phi3v_recipes.workload import draw_workload
 
-    check_hardware(cfg)
+    check_hardware(cfg, training=True)
     if cfg.baseline not in ("cookbook", None, "none"):
         raise ConfigError(f"baseline={cfg.baseline}: choose cookbook, or none (our path alone).")
     bench = cfg.bench

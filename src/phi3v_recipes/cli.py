@@ -6,6 +6,7 @@ before Hydra makes it.
 
 import difflib
 import functools
+import importlib.util
 import logging
 import os
 import sys
@@ -64,6 +65,12 @@ def log_to_files(message: str, level: int = logging.INFO) -> None:
             handler.handle(record)
 
 
+def gpu_attention() -> str:
+    """The GPU profiles' attention: flash-attention 2 where flash-attn is installed, else PyTorch's FlexAttention
+    (which also attends packed rows per sample, without flash-attn's variable-length kernels)."""
+    return "flash_attention_2" if importlib.util.find_spec("flash_attn") is not None else "flex_attention"
+
+
 def register_resolvers() -> None:
     """Resolvers the yaml files use (safe to call more than once)."""
     resolvers = {
@@ -72,6 +79,7 @@ def register_resolvers() -> None:
         "phi3v_log_file": lambda: "train.log" if rank() == 0 else f"train.rank{rank()}.log",
         "phi3v_console_level": lambda: "INFO" if rank() == 0 else "WARNING",
         "multiply": lambda a, b: a * b,
+        "phi3v_gpu_attention": gpu_attention,
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):

@@ -20,7 +20,9 @@ from phi3v_recipes.errors import ConfigError, check_on_error, closest
 
 STRATEGIES = ("full", "frozen_vision", "lora", "qlora")
 PRECISIONS = ("bf16", "fp16", "fp32")
-ATTENTION = ("eager", "sdpa", "flash_attention_2")
+# flex_attention: PyTorch's FlexAttention (torch >= 2.5), the GPU profiles' choice without flash-attn; it attends
+# packed rows per sample through a document block mask (docs/performance.md). It has no backward pass on CPU.
+ATTENTION = ("eager", "sdpa", "flash_attention_2", "flex_attention")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -200,7 +202,7 @@ def validate(cfg: DictConfig, world: int | None = None) -> None:
 
         check_trackers(cfg)
     gradient_accumulation(cfg, world)
-    check_hardware(cfg)
+    check_hardware(cfg, training=True)
     if strategy.get("quantization"):
         try:
             import bitsandbytes  # noqa: F401
@@ -223,8 +225,9 @@ def validate(cfg: DictConfig, world: int | None = None) -> None:
     )
 
 
-def check_hardware(cfg: DictConfig) -> None:
-    """Attention, precision and device settings that this machine can run (training and inference)."""
+def check_hardware(cfg: DictConfig, training: bool = False) -> None:
+    """Attention, precision and device settings that this machine can run (inference; `training=True` also
+    checks what a backward pass needs)."""
     model, hardware = cfg.model, cfg.hardware
     _require(model.dtype in DTYPES, f"model.dtype={model.dtype}: choose one of {', '.join(DTYPES)}"
                                     f"{closest(model.dtype, list(DTYPES))}.")
@@ -251,3 +254,16 @@ def check_hardware(cfg: DictConfig) -> None:
         "flash attention is requested but flash-attn is not installed; pip install 'phi3v-recipes[flash]' (GPU "
         "only), or set model.attn_implementation=sdpa.",
     )
+    if model.attn_implementation == "flex_attention":
+        from transformers.utils import is_torch_flex_attn_available
+
+        _require(
+            is_torch_flex_attn_available(),
+            "model.attn_implementation=flex_attention needs PyTorch's FlexAttention (torch >= 2.5), which this "
+            "torch lacks; upgrade torch, or set model.attn_implementation=sdpa.",
+        )
+        _require(
+            not (training and hardware.name == "cpu"),
+            "model.attn_implementation=flex_attention cannot train on CPU (PyTorch's FlexAttention has no backward "
+            "pass there); set model.attn_implementation=sdpa on hardware=cpu, or train on a CUDA GPU.",
+        )

@@ -13,9 +13,12 @@ them); the model looks the embedding up at `max(id, 0)` on a copy and overwrites
 features, so the caller's tensor is never modified.
 
 Packed rows (several samples end to end in one row, `position_ids` restarting at 0 for each, no attention mask:
-`data/collate.py` `PackingCollator`) are attended block-diagonally by eager/sdpa attention and through the
-variable-length path of flash-attention; such a forward never creates a cache (with one, transformers would not
-see the sample boundaries).
+`data/collate.py` `PackingCollator`) are attended block-diagonally by eager/sdpa attention, through the
+variable-length path of flash-attention, and by FlexAttention (`attn_implementation="flex_attention"`) through a
+block mask of causal AND same-sample, which transformers builds from the `position_ids` restarts and which skips
+the blocks between samples; such a forward never creates a cache (with one, transformers would not see the sample
+boundaries). FlexAttention serves the language model only: CLIP's crops are a dense batch without a mask, which
+sdpa's fused kernels attend without FlexAttention's compilation, so CLIP then runs sdpa (`vision_attention`).
 
 Supervised-only logits (training): `Phi3VForCausalLM.supervised_logits = True`, or the forward argument
 `supervised_logits=True`, makes a training forward with `labels` run the LM head only at the positions whose
@@ -223,6 +226,12 @@ class Phi3VPreTrainedModel(Phi3PreTrainedModel):
             elif hasattr(config, "auto_map"):
                 del config.auto_map
 
+    def set_attn_implementation(self, attn_implementation: str | dict, **kwargs: Any) -> None:
+        """transformers' switch of the attention back-end, CLIP's following `vision_attention`."""
+        super().set_attn_implementation(attn_implementation, **kwargs)
+        if isinstance(attn_implementation, str):
+            self.config.vision_config._attn_implementation = vision_attention(self.config._attn_implementation)
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if isinstance(module, Phi3VImageEmbedding):
@@ -231,6 +240,11 @@ class Phi3VPreTrainedModel(Phi3PreTrainedModel):
         elif isinstance(module, CLIPVisionEmbeddings):
             init.normal_(module.class_embedding, mean=0.0, std=module.embed_dim**-0.5)
             init.copy_(module.position_ids, torch.arange(module.num_positions).expand((1, -1)))
+
+
+def vision_attention(attn_implementation: str | None) -> str | None:
+    """CLIP's attention back-end for the language model's: the same, except sdpa under FlexAttention."""
+    return "sdpa" if attn_implementation == "flex_attention" else attn_implementation
 
 
 def is_packed(position_ids: torch.Tensor | None) -> bool:
@@ -246,6 +260,7 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
         # transformers resolved the attention back-end on the top config only; the CLIP blocks read theirs from
         # `vision_config`. Re-assigning through the setter hands it down.
         config._attn_implementation = config._attn_implementation
+        config.vision_config._attn_implementation = vision_attention(config._attn_implementation)
         self.vision_embed_tokens = Phi3VImageEmbedding(config)
         self.post_init()
 

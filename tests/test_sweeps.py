@@ -118,3 +118,24 @@ def test_the_optuna_sweeper_without_optuna_is_one_sentence(tmp_path):
     assert out.returncode == 2, out.stderr[-3000:]
     assert out.stderr.strip().splitlines()[-1] == ("error: hydra/sweeper=optuna needs Optuna, which is not installed "
                                                    "here: pip install 'phi3v-recipes[optuna]'.")
+
+
+def test_the_optuna_search_space_keeps_the_hydra_optuna_sweeper_syntax():
+    """interval -> float, tag(log, ...) -> log scale, tag(int, ...) -> integers, range -> Hydra's values (end
+    excluded), choice and a,b -> categorical; plain overrides stay fixed; the command line wins over params."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    from hydra_plugins.phi3v_optuna_sweeper.optuna_sweeper import encode, search_space
+
+    space, fixed = search_space(
+        {"optim.lr": "interval(0.1, 0.2)", "train.seed": "3"},
+        ["optim.lr=tag(log, interval(1e-4, 1e-2))", "train.epochs=range(1, 4)", "strategy.lora.rank=choice(8, 16)",
+         "strategy=lora,full", "+extra=tag(log, int, interval(1, 64))", "task=demo"])
+    assert space == {"optim.lr": FloatDistribution(1e-4, 1e-2, log=True),
+                     "train.epochs": IntDistribution(1, 3),
+                     "strategy.lora.rank": CategoricalDistribution([8, 16]),
+                     "strategy": CategoricalDistribution(["lora", "full"]),
+                     "+extra": IntDistribution(1, 64, log=True)}
+    assert fixed == ["train.seed=3", "task=demo"]
+    assert [encode(v) for v in (1e-05, 3, True, None, "lora", "a b")] == ["1e-05", "3", "true", "null", "lora",
+                                                                           "'a b'"]

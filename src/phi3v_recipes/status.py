@@ -88,7 +88,7 @@ def _job_dir(cfg: DictConfig) -> Path | None:
 def _outcome(code: Any, error: BaseException | None) -> tuple[str, str, int]:
     """(status, reason, exit code) of a launch that ended with SystemExit(code) after `error`."""
     exit_code = code if isinstance(code, int) else (0 if code is None else 1)
-    reason = str(error).strip() if error is not None else ""
+    reason = str(error).strip() if error is not None and not isinstance(error, SystemExit) else ""
     if isinstance(error, KeyboardInterrupt) and not reason:
         reason = "interrupted (Ctrl-C) before training started"
     if exit_code == 0:  # the run had already finished (metrics.json): relaunching it trains nothing
@@ -127,7 +127,7 @@ def train_and_record(run: Callable[[DictConfig], dict[str, Any]], cfg: DictConfi
         error = seen[0] if seen else None
         status, reason, exit_code = _outcome(stop.code, error)
         seen.clear()
-        if isinstance(error, SystemExit):  # not ours: e.g. submitit requeues a preempted job and exits
+        if isinstance(error, SystemExit) and in_submitit_job():  # submitit requeued a preempted job and exits
             record("stopped", f"ended by the cluster launcher (exit code {exit_code}), e.g. requeued after a "
                    "preemption or time-out", exit_code)
             raise

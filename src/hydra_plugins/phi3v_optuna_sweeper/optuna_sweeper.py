@@ -6,8 +6,8 @@ score goes back to Optuna through the ask-and-tell API.
         'optim.lr=tag(log, interval(1e-5, 1e-3))' 'train.epochs=range(1, 4)' 'strategy.lora.rank=choice(8, 16, 32)'
 
 The search space uses the command-line syntax of Hydra's own Optuna sweeper (hydra-optuna-sweeper, which still
-pins optuna<3): `interval(a, b)` is a float (or, for two integers, an integer) distribution, `tag(log, ...)`
-makes it log-scaled, `range(a, b[, step])` takes the values Hydra's range gives (b excluded) as an ordered
+pins optuna<3): `interval(a, b)` is a float distribution, `tag(log, ...)` makes it log-scaled and
+`tag(int, ...)` integer-valued, `range(a, b[, step])` takes the values Hydra's range gives (b excluded) as an ordered
 distribution, and `choice(...)` or `a,b,c` a categorical one. Other overrides are passed to every trial as they
 are. `hydra.sweeper.params` holds a search space in the config, in the same syntax (the command line wins).
 
@@ -52,13 +52,13 @@ def _fail(message: str) -> None:
 
 
 def distribution(override: Override) -> Any:
-    """The Optuna distribution of one sweep override (interval, tag(log, interval), range, choice)."""
+    """The Optuna distribution of one sweep override (interval, tag(log|int, interval), range, choice)."""
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
     value, key = override.value(), override.get_key_element()
     if isinstance(value, IntervalSweep):
         log_scale = "log" in value.tags
-        if isinstance(value.start, int) and isinstance(value.end, int):
+        if "int" in value.tags:  # Hydra parses interval bounds as floats
             return IntDistribution(int(value.start), int(value.end), log=log_scale)
         return FloatDistribution(float(value.start), float(value.end), log=log_scale)
     values = list(override.sweep_iterator())
@@ -80,15 +80,14 @@ def distribution(override: Override) -> Any:
 def search_space(params: dict[str, str], arguments: list[str]) -> tuple[dict[str, Any], list[str]]:
     """({override key: distribution}, fixed overrides) of hydra.sweeper.params and the command line (which wins
     over params for the same key)."""
-    lines = {}
+    parser, lines = OverridesParser.create(), {}
     for line in [f"{k}={v}" for k, v in params.items()] + list(arguments):
-        (override,) = OverridesParser.create().parse_overrides([line])
+        (override,) = parser.parse_overrides([line])
         lines[override.get_key_element()] = override
     space, fixed = {}, []
     for key, override in lines.items():
         if override.is_sweep_override():
-            prefix = "++" if override.is_force_add() else "+" if override.is_add() else ""
-            space[prefix + key] = distribution(override)
+            space[key] = distribution(override)  # the key keeps its + or ++
         else:
             fixed.append(override.input_line)
     return space, fixed

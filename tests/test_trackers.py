@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import offline_env, read_metrics, run_cli, run_parallel
+from phi3v_recipes.config import validate
+from phi3v_recipes.errors import ConfigError
+from tests.conftest import compose_config, offline_env, read_metrics, run_cli
 
 mlflow = pytest.importorskip("mlflow")
 wandb_pb = pytest.importorskip("wandb.proto.wandb_internal_pb2")
@@ -190,25 +192,45 @@ def test_a_sweep_is_one_experiment_and_one_wandb_group(tmp_path):
 
 
 def test_a_missing_tracker_package_is_one_sentence_at_start_up(tmp_path):
-    """report_to=mlflow / wandb without the package installed (hidden from the import system here): exit 2 with one
-    `error:` line that names the extra to install, before any data, model or tracker file is made; an unknown
-    tracker name is one sentence too."""
-    commands = {}
-    for tracker in ("mlflow", "wandb"):
-        (tmp_path / f"without_{tracker}.py").write_text(
-            f"import runpy, sys\nsys.modules[{tracker!r}] = None\n"
-            "runpy.run_module('phi3v_recipes', run_name='__main__', alter_sys=True)\n")
-        commands[tracker] = [f"without_{tracker}", f"report_to={tracker}", f"run.output_dir={tmp_path}/run_{tracker}"]
-    commands["comet"] = ["phi3v_recipes", "report_to=[tensorboard,comet]", f"run.output_dir={tmp_path}/run_comet"]
-    expected = {
-        tracker: f"error: report_to={tracker} needs {tracker}, which is not installed; pip install "
-                 f"'phi3v-recipes[{tracker}]', or drop {tracker} from report_to." for tracker in ("mlflow", "wandb")}
-    expected["comet"] = ("error: report_to=comet is not a tracker this recipe supports; choose from ('tensorboard', "
-                         "'mlflow', 'wandb', 'none'), or a list of them (report_to=[tensorboard,mlflow]).")
-    for name, out in run_parallel(commands, cwd=tmp_path).items():
-        assert out.returncode == 2, (name, out.stderr[-3000:])
-        assert "Traceback" not in out.stderr, name
-        assert [x for x in out.stderr.splitlines() if x.startswith("error: ")] == [expected[name]]
-        assert not (tmp_path / f"run_{name}" / "tiny_base").exists(), name
-        assert not (tmp_path / f"run_{name}" / "trackers.json").exists(), name
-    assert not list(tmp_path.rglob("*.db")) and not list(tmp_path.rglob("wandb"))
+    """report_to=wandb without wandb installed (hidden from the import system here): `python -m phi3v_recipes`
+    exits 2 with one `error:` line that names the extra to install, before any data, model or tracker file is
+    made."""
+    (tmp_path / "without_wandb.py").write_text(
+        "import runpy, sys\nsys.modules['wandb'] = None\n"
+        "runpy.run_module('phi3v_recipes', run_name='__main__', alter_sys=True)\n")
+    out = subprocess.run([sys.executable, "-m", "without_wandb", "report_to=[tensorboard,wandb]",
+                          f"run.output_dir={tmp_path / 'run'}"], cwd=tmp_path, env=offline_env(), capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    assert [x for x in out.stderr.splitlines() if x.startswith("error: ")] == [
+        "error: report_to=wandb needs wandb, which is not installed; pip install 'phi3v-recipes[wandb]', or drop "
+        "wandb from report_to."]
+    assert not (tmp_path / "run" / "tiny_base").exists() and not (tmp_path / "run" / "trackers.json").exists()
+    assert not list(tmp_path.rglob("offline-run-*"))
+
+
+@pytest.mark.parametrize(("override", "hidden", "sentence"), [
+    ("report_to=mlflow", "mlflow", "report_to=mlflow needs mlflow, which is not installed; pip install "
+                                   "'phi3v-recipes[mlflow]', or drop mlflow from report_to."),
+    ("report_to=mlflow", "sqlalchemy", "report_to=mlflow needs sqlalchemy, which is not installed; pip install "
+                                       "'phi3v-recipes[mlflow]', or drop mlflow from report_to."),
+    ("report_to=[tensorboard,comet]", None, "report_to=comet is not a tracker this recipe supports; choose from "
+     "('tensorboard', 'mlflow', 'wandb', 'none'), or a list of them (report_to=[tensorboard,mlflow])."),
+    ("tracker.wandb.mode=offlin", None, None),
+    ("report_to=wandb tracker.wandb.mode=offlin", None, "tracker.wandb.mode=offlin is not one of ('online', "
+     "'offline', 'disabled') (or null for $WANDB_MODE)."),
+])
+def test_tracker_settings_are_checked_by_validate(override, hidden, sentence, monkeypatch, tmp_path):
+    """validate (start-up) refuses an unknown tracker, a missing tracker package (mlflow, or the database driver
+    a SQLite store needs) and a bad wandb mode with one sentence; a wandb mode is only checked when wandb is
+    used."""
+    cfg = compose_config("hardware=cpu", *override.split(), f"run.output_dir={tmp_path / 'run'}")
+    if hidden:
+        monkeypatch.setitem(sys.modules, hidden, None)
+    if sentence is None:
+        validate(cfg, world=1)
+        return
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, world=1)
+    assert str(err.value) == sentence

@@ -90,16 +90,16 @@ def mlflow_uri(cfg: DictConfig) -> str | None:
     return OmegaConf.select(cfg, "tracker.mlflow.tracking_uri")
 
 
-def flat_params(cfg: DictConfig) -> dict[str, str]:
-    """The resolved configuration as `group.key: value` strings (`optim.lr: 2e-05`); lists as JSON."""
-    flat: dict[str, str] = {}
+def flat_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved configuration as `group.key: value` (`optim.lr: 2e-05`, `optim.betas: [0.9, 0.95]`)."""
+    flat: dict[str, Any] = {}
 
     def walk(node: Any, prefix: str) -> None:
         if isinstance(node, dict):
             for key, value in node.items():
                 walk(value, f"{prefix}{key}.")
         else:
-            flat[prefix[:-1]] = node if isinstance(node, str) else json.dumps(node)
+            flat[prefix[:-1]] = node
 
     walk(OmegaConf.to_container(cfg, resolve=True), "")
     return flat
@@ -157,7 +157,7 @@ class _MLflow(_Tracker):
         from mlflow import MlflowClient
 
         self.client = MlflowClient(tracking_uri=mlflow_uri(cfg))
-        params = flat_params(cfg)
+        params = {k: v if isinstance(v, str) else json.dumps(v) for k, v in flat_config(cfg).items()}  # strings
         if run_id is None:
             found = self.client.get_experiment_by_name(experiment)
             experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
@@ -217,11 +217,13 @@ class _Wandb(_Tracker):
         self.logged = self.durable = logged
         self.run = wandb.init(
             project=settings.project, entity=settings.entity, group=group, name=run_name, id=run_id,
-            resume="allow", dir=str(run_dir), mode=settings.mode, config=flat_params(cfg),
+            resume="allow", dir=str(run_dir), mode=settings.mode, config=flat_config(cfg),
             notes=tags.get("run_dir"), tags=[tags["sweep_job"]] if "sweep_job" in tags else None,
             allow_val_change=True,
         )
         self.run_id = self.run.id
+        # online, a resumed run knows its next step from the server; offline it starts at 0 and trackers.json counts
+        self.logged = self.durable = max(logged, self.run.starting_step - 1)
 
     def last_step(self) -> int:
         return self.logged  # an offline run cannot be asked; trackers.json keeps what earlier launches closed
@@ -319,7 +321,8 @@ class Trackers:
                 self.sent[tracker.name] = tracker.last_step()  # the batches that went through
                 continue
             self.sent[tracker.name] = max(rows)
-        self._evals = {s: v for s, v in self._evals.items() if s > upto}
+        lowest = min(self.sent.values(), default=upto)  # evaluations a failed tracker still needs stay
+        self._evals = {s: v for s, v in self._evals.items() if s > lowest}
         self._save_record()
 
     def add_evaluation(self, step: int, logs: dict[str, float]) -> None:

@@ -90,16 +90,16 @@ def mlflow_uri(cfg: DictConfig) -> str | None:
     return OmegaConf.select(cfg, "tracker.mlflow.tracking_uri")
 
 
-def flat_params(cfg: DictConfig) -> dict[str, str]:
-    """The resolved configuration as `group.key: value` strings (`optim.lr: 2e-05`); lists as JSON."""
-    flat: dict[str, str] = {}
+def flat_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved configuration as `group.key: value` (`optim.lr: 2e-05`, `optim.betas: [0.9, 0.95]`)."""
+    flat: dict[str, Any] = {}
 
     def walk(node: Any, prefix: str) -> None:
         if isinstance(node, dict):
             for key, value in node.items():
                 walk(value, f"{prefix}{key}.")
         else:
-            flat[prefix[:-1]] = node if isinstance(node, str) else json.dumps(node)
+            flat[prefix[:-1]] = node
 
     walk(OmegaConf.to_container(cfg, resolve=True), "")
     return flat
@@ -132,17 +132,15 @@ class _Tracker:
     """One tracker run: opened (or reopened) at start, fed whole steps in order, finished with the final metrics."""
 
     name = ""
+    run_id = ""
+
+    def durable_step(self) -> int:
+        """The newest step that is sure to survive this process (kept in trackers.json)."""
+        return self.last_step()
 
     def last_step(self) -> int:
         """The newest step this run holds (0: none)."""
         raise NotImplementedError
-
-    def last_step_safe(self) -> int:
-        """`last_step`, or 0 when the tracker cannot be reached."""
-        try:
-            return self.last_step()
-        except Exception:  # noqa: BLE001 - e.g. the server that just failed a write
-            return 0
 
     def log_steps(self, rows: list[tuple[int, dict[str, float]]]) -> None:
         """Log `(step, {key: value})` rows, in step order."""
@@ -159,7 +157,7 @@ class _MLflow(_Tracker):
         from mlflow import MlflowClient
 
         self.client = MlflowClient(tracking_uri=mlflow_uri(cfg))
-        params = flat_params(cfg)
+        params = {k: v if isinstance(v, str) else json.dumps(v) for k, v in flat_config(cfg).items()}  # strings
         if run_id is None:
             found = self.client.get_experiment_by_name(experiment)
             experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
@@ -173,6 +171,8 @@ class _MLflow(_Tracker):
             for key, value in params.items():  # a resumed run may change some settings (longer, ...): tags
                 if key in held and held[key] != value[:6000]:
                     self.client.set_tag(run_id, f"changed.{key}", f"{held[key]} -> {value}")
+        history = self.client.get_metric_history(self.run_id, STEP_KEYS["loss"])  # what earlier launches sent
+        self.logged = max((m.step for m in history), default=0)
 
     def _log_params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param
@@ -180,8 +180,7 @@ class _MLflow(_Tracker):
         self.client.log_batch(self.run_id, params=[Param(k[:250], v[:6000]) for k, v in params.items()])
 
     def last_step(self) -> int:
-        history = self.client.get_metric_history(self.run_id, STEP_KEYS["loss"])
-        return max((m.step for m in history), default=0)
+        return self.logged
 
     def log_steps(self, rows: list[tuple[int, dict[str, float]]]) -> None:
         import time
@@ -189,14 +188,12 @@ class _MLflow(_Tracker):
         from mlflow.entities import Metric
 
         batch: list[Metric] = []
-        for step, values in rows:
+        for i, (step, values) in enumerate(rows):
             now = int(time.time() * 1000)
-            if batch and len(batch) + len(values) > _BATCH:
-                self.client.log_batch(self.run_id, metrics=batch)
-                batch = []
             batch += [Metric(key, value, now, step) for key, value in values.items()]
-        if batch:
-            self.client.log_batch(self.run_id, metrics=batch)
+            if i + 1 == len(rows) or len(batch) + len(rows[i + 1][1]) > _BATCH:
+                self.client.log_batch(self.run_id, metrics=batch)  # one transaction in a database store
+                self.logged, batch = step, []
 
     def finish(self, final: dict[str, float], step: int, status: str) -> None:
         import time
@@ -217,17 +214,24 @@ class _Wandb(_Tracker):
         import wandb
 
         settings = cfg.tracker.wandb
-        self.logged = logged
+        self.logged = self.durable = logged
         self.run = wandb.init(
             project=settings.project, entity=settings.entity, group=group, name=run_name, id=run_id,
-            resume="allow", dir=str(run_dir), mode=settings.mode, config=flat_params(cfg),
+            resume="allow", dir=str(run_dir), mode=settings.mode, config=flat_config(cfg),
             notes=tags.get("run_dir"), tags=[tags["sweep_job"]] if "sweep_job" in tags else None,
             allow_val_change=True,
         )
         self.run_id = self.run.id
+        # online, a resumed run knows its next step from the server; offline it starts at 0 and trackers.json counts
+        self.logged = self.durable = max(logged, self.run.starting_step - 1)
 
     def last_step(self) -> int:
-        return self.logged  # offline runs cannot be asked; trackers.json keeps it
+        return self.logged  # an offline run cannot be asked; trackers.json keeps what earlier launches closed
+
+    def durable_step(self) -> int:
+        # wandb buffers its run file (x_transaction_log_flush_interval) and writes it all when the run finishes:
+        # what a launch logged is sure to be kept only once `finish` returned
+        return self.durable
 
     def log_steps(self, rows: list[tuple[int, dict[str, float]]]) -> None:
         for step, values in rows:
@@ -238,6 +242,7 @@ class _Wandb(_Tracker):
         for key, value in final.items():
             self.run.summary[f"final/{key}"] = value
         self.run.finish(exit_code=0 if status == "FINISHED" else 1)
+        self.durable = self.logged
 
 
 class Trackers:
@@ -250,6 +255,7 @@ class Trackers:
     def __init__(self, run_dir: Path, trackers: list[_Tracker]):
         self.run_dir = run_dir
         self.trackers = trackers
+        self.open_trackers = list(trackers)  # not finished yet
         self.stopped = False
         self.sent = {t.name: t.last_step() for t in trackers}
         self._evals: dict[int, dict[str, float]] = {}
@@ -288,7 +294,7 @@ class Trackers:
                 raise ConfigError(f"report_to={name}: could not open the tracker run{where}: {reason}; check the "
                                   f"tracker.{name} settings in conf/train.yaml, or drop {name} from report_to.") from None
             verb = "continuing" if held.get("run_id") else "logging to"
-            log.info("%s: %s run %s", name, verb, trackers[-1].run_id)  # type: ignore[attr-defined]
+            log.info("%s: %s run %s", name, verb, trackers[-1].run_id)
         return cls(run_dir, trackers)
 
     def callback(self, trainer: Any) -> "TrackerCallback":
@@ -312,10 +318,11 @@ class Trackers:
             except Exception as err:  # noqa: BLE001 - a tracker outage must not end a training run
                 log.warning("%s: could not log steps %d-%d (%s); they are sent again with the next checkpoint",
                             tracker.name, min(rows), max(rows), err)
-                self.sent[tracker.name] = max(self.sent[tracker.name], tracker.last_step_safe())
+                self.sent[tracker.name] = tracker.last_step()  # the batches that went through
                 continue
             self.sent[tracker.name] = max(rows)
-        self._evals = {s: v for s, v in self._evals.items() if s > upto}
+        lowest = min(self.sent.values(), default=upto)  # evaluations a failed tracker still needs stay
+        self._evals = {s: v for s, v in self._evals.items() if s > lowest}
         self._save_record()
 
     def add_evaluation(self, step: int, logs: dict[str, float]) -> None:
@@ -327,26 +334,27 @@ class Trackers:
     def finish(self, metrics: dict[str, Any], step: int) -> None:
         """Log the final metrics (`final/<key>`) and close the tracker runs as finished."""
         final = final_values(metrics)
-        for tracker in self.trackers:
+        for tracker in self.open_trackers:
             try:
                 tracker.finish(final, step, "FINISHED")
             except Exception as err:  # noqa: BLE001 - the run itself is complete; say so and go on
-                log.warning("%s: could not log the final metrics to run %s (%s)", tracker.name,
-                            getattr(tracker, "run_id", "?"), err)
-        self.trackers = []
+                log.warning("%s: could not log the final metrics to run %s (%s)", tracker.name, tracker.run_id, err)
+        self.open_trackers = []
+        self._save_record()
 
     def _close_unfinished(self) -> None:
-        for tracker in self.trackers:
+        for tracker in self.open_trackers:
             try:
                 tracker.finish({}, 0, "KILLED" if self.stopped else "FAILED")
             except Exception as err:  # noqa: BLE001 - the process is exiting; the run stays RUNNING in the tracker
-                log.warning("%s: could not close run %s (%s)", tracker.name, getattr(tracker, "run_id", "?"), err)
-        self.trackers = []
+                log.warning("%s: could not close run %s (%s)", tracker.name, tracker.run_id, err)
+        self.open_trackers = []
+        self._save_record()
 
     def _save_record(self) -> None:
         if not self.trackers:
             return
-        record = {t.name: {"run_id": t.run_id, "logged_step": self.sent[t.name]} for t in self.trackers}  # type: ignore[attr-defined]
+        record = {t.name: {"run_id": t.run_id, "logged_step": t.durable_step()} for t in self.trackers}
         atomic_write_text(self.run_dir / RECORD, json.dumps(record, indent=2) + "\n")
 
 
@@ -362,6 +370,10 @@ class TrackerCallback(TrainerCallback):
         return self.trainer.step_records()
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        for name, sent in self.trackers.sent.items():
+            if sent > state.global_step:  # resumed from an older checkpoint than the newest (train.resume=<path>)
+                log.warning("%s already holds steps %d-%d from an earlier launch; they keep those values and the "
+                            "retrained steps are not sent again", name, state.global_step + 1, sent)
         # a resumed launch: steps its checkpoint saved that the dead launch never sent
         self.trackers.send(self.steps(), state.global_step)
 

@@ -158,7 +158,7 @@ def test_report_command_puts_wrong_answers_first_and_takes_settings(resumed_run,
     wrong = [r["id"] for r in rows if r["score"] == 0.0]
     assert [i for i, _ in shown] == (wrong + [r["id"] for r in rows if r["score"] == 1.0])[:5]
     assert all(text.endswith("wrong") == (i in wrong) for i, text in shown)
-    assert f"{len(wrong)} of {len(rows)} answers wrong" in page.by_id("gallery-summary")
+    assert f"{len(wrong)} of {len(rows)} answers after training wrong" in page.by_id("gallery-summary")
     assert_self_contained(page)
 
 

@@ -60,6 +60,7 @@ def is_sweep(directory: Path) -> bool:
 
 
 def read_sweep(sweep_dir: Path) -> SweepRecord:
+    sweep_dir = Path(sweep_dir).resolve()
     jobs = [Job(row["job"], list(row["overrides"] or []), read_run(sweep_dir / str(row["job"])))
             for row in collect(sweep_dir)]
     keys = list(dict.fromkeys(k for job in jobs for k in job.values))

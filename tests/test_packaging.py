@@ -25,7 +25,8 @@ def test_pyproject_lists_every_package():
 
 @pytest.mark.slow
 def test_wheel_contains_all_modules_and_configs(tmp_path):
-    """A built wheel holds every module under src/ and every yaml under conf/ (as phi3v_recipes/conf/...)."""
+    """A built wheel holds every module and template under src/ and every yaml under conf/ (as
+    phi3v_recipes/conf/...)."""
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q", "-w",
          str(tmp_path)],
@@ -35,6 +36,7 @@ def test_wheel_contains_all_modules_and_configs(tmp_path):
     (wheel,) = tmp_path.glob("*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = {str(p.relative_to(ROOT / "src")) for p in (ROOT / "src").rglob("*.py")}
+    expected |= {str(p.relative_to(ROOT / "src")) for p in (ROOT / "src").rglob("*.j2")}  # report templates
     expected |= {"phi3v_recipes/conf/" + str(p.relative_to(ROOT / "conf")) for p in (ROOT / "conf").rglob("*.yaml")}
     assert expected <= names, sorted(expected - names)
 

@@ -18,9 +18,9 @@ from phi3v_recipes.report.__main__ import main as report_main
 from phi3v_recipes.report.page import number
 from tests.conftest import read_metrics, run_cli
 
-# A tiny demo: 4-sample batches, a checkpoint every 3 steps, 8 held-out samples.
+# A tiny demo: 4-sample batches, 8 held-out samples.
 TINY = ("task.train_size=16", "task.eval_size=8", "train.global_batch_size=4", "train.batch_size=4",
-        "train.logging_steps=1", "train.save_steps=3", "optim.warmup_steps=1", "eval.batch_size=8")
+        "train.logging_steps=1", "optim.warmup_steps=1", "eval.batch_size=8")
 VOID = {"img", "meta", "br", "hr", "input", "link"}
 
 
@@ -85,34 +85,33 @@ def assert_self_contained(page: Page) -> int:
 
 
 @pytest.fixture(scope="module")
-def resumed_run(tmp_path_factory) -> Path:
-    """One tiny demo run in two launches: 3 steps, then the same command extended to 6 steps (a resume)."""
-    root = tmp_path_factory.mktemp("report_run")
-    run_dir = root / "run"
-    for steps in (3, 6):
-        out = run_cli([*TINY, f"train.max_steps={steps}", f"run.output_dir={run_dir}"], cwd=root)
-        assert out.returncode == 0, out.stderr[-3000:]
-    return run_dir
+def sweep_dir(tmp_path_factory) -> Path:
+    """A two-job learning-rate sweep (`-m`) of the tiny demo, 2 steps each."""
+    root = tmp_path_factory.mktemp("report_sweep")
+    sweep = root / "sweep"
+    out = run_cli(["-m", *TINY, "train.max_steps=2", "optim.lr=1e-3,3e-3", f"hydra.sweep.dir={sweep}"], cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return sweep
 
 
 @pytest.fixture(scope="module")
-def sweep_dir(tmp_path_factory) -> Path:
-    """A two-job learning-rate sweep (`-m`) of an even smaller demo."""
-    root = tmp_path_factory.mktemp("report_sweep")
-    sweep = root / "sweep"
-    out = run_cli(["-m", *TINY, "task.train_size=8", "train.max_steps=2", "eval.before=false",
-                   "optim.lr=1e-3,3e-3", f"hydra.sweep.dir={sweep}"], cwd=root)
+def resumed_run(sweep_dir) -> Path:
+    """Job 1 of the sweep, copied and extended by the same command to 4 steps: a run in two launches, the second
+    resumed from its step-2 checkpoint."""
+    run_dir = sweep_dir.parent / "run"
+    shutil.copytree(sweep_dir / "1", run_dir)
+    out = run_cli([*TINY, "optim.lr=3e-3", "train.max_steps=4", f"run.output_dir={run_dir}"], cwd=sweep_dir.parent)
     assert out.returncode == 0, out.stderr[-3000:]
-    return sweep
+    return run_dir
 
 
 def test_a_run_writes_a_self_contained_report_whose_numbers_are_its_metrics(resumed_run):
     """The run's last launch writes report.html after metrics.json: every picture in it is an embedded PNG/JPEG
     (loss and learning-rate plots, one thumbnail per held-out sample), every figure it shows (exact value and
-    the rounded text) is metrics.json's, and the resume after step 3 is marked."""
+    the rounded text) is metrics.json's, and the resume after step 2 is marked."""
     page = read_page(resumed_run / "report.html")
     metrics = read_metrics(resumed_run)
-    assert metrics["global_steps"] == 6
+    assert metrics["global_steps"] == 4
     pictures = assert_self_contained(page)
     assert pictures >= 2 + metrics["eval_samples"]
     assert page.by_id("plot-loss") == "" and page.by_id("plot-learning-rate") == ""
@@ -124,7 +123,7 @@ def test_a_run_writes_a_self_contained_report_whose_numbers_are_its_metrics(resu
     for key in set(figures) & {"selection_score", "best.score", "best.step"}:  # evaluation during training
         expected = metrics.get(key) if "." not in key else metrics["best"][key.split(".")[1]]
         assert float(figures[key][0]) == expected, key
-    assert "Resumed 1 time(s), at step(s) 3" in page.by_id("resumes")
+    assert "Resumed 1 time(s), at step(s) 2" in page.by_id("resumes")
     assert page.by_id("config") == (resumed_run / "config.yaml").read_text().strip()
 
 
@@ -142,7 +141,7 @@ def test_the_gallery_shows_every_held_out_answer_wrong_ones_first(resumed_run):
         assert by_id[sample_id]["question"] in text
 
 
-def test_report_command_puts_wrong_answers_first_and_takes_settings(resumed_run, tmp_path):
+def test_report_command_puts_wrong_answers_first_and_takes_settings(resumed_run, tmp_path, capsys):
     """`python -m phi3v_recipes.report <run dir> gallery.size=5` on a run whose final predictions mix right and
     wrong answers: 5 rows, every wrong answer before any right one, each marked as such."""
     copy = tmp_path / "run"
@@ -152,15 +151,14 @@ def test_report_command_puts_wrong_answers_first_and_takes_settings(resumed_run,
     for i, row in enumerate(rows):  # even samples answered right, odd ones wrong
         row["prediction"], row["score"] = (row["references"][0], 1.0) if i % 2 == 0 else ("no idea", 0.0)
     predictions.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    out = run_cli([str(copy), "gallery.size=5"], cwd=tmp_path, module="phi3v_recipes.report")
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip() == str(copy / "report.html")
+    assert report_main([str(copy), "gallery.size=5"]) == 0
+    assert capsys.readouterr().out.strip() == str(copy / "report.html")
     page = read_page(copy / "report.html")
     shown = [(attrs["data-id"], text) for _, attrs, text in page.find("data-id")]
     wrong = [r["id"] for r in rows if r["score"] == 0.0]
     assert [i for i, _ in shown] == (wrong + [r["id"] for r in rows if r["score"] == 1.0])[:5]
     assert all(text.endswith("wrong") == (i in wrong) for i, text in shown)
-    assert f"{len(wrong)} of {len(rows)} answers wrong" in page.by_id("gallery-summary")
+    assert f"{len(wrong)} of {len(rows)} answers after training wrong" in page.by_id("gallery-summary")
     assert_self_contained(page)
 
 
@@ -196,22 +194,22 @@ def test_the_report_shows_evaluation_during_training_from_metrics_json(resumed_r
     shutil.copytree(resumed_run, copy, ignore=shutil.ignore_patterns("checkpoint-*", "runs", "tiny_base"))
     metrics = read_metrics(resumed_run)
     metrics.update(
-        steps=[{"step": s, "loss": 6.0 - 0.1 * s, "learning_rate": 1e-3, "grad_norm": 1.5} for s in range(1, 7)],
-        launches=[{"start_step": 0, "started": "2026-01-01T00:00:00"}, {"start_step": 4, "started": "2026-01-01T01:00:00"}],
-        evals=[{"step": 2, "score": 0.25}, {"step": 4, "score": 0.625}, {"step": 6, "score": 0.5}],
-        best={"step": 4, "score": 0.625}, selection_score=0.625,
-        early_stop={"step": 6, "evaluations_without_improvement": 1},
+        steps=[{"step": s, "loss": 6.0 - 0.1 * s, "learning_rate": 1e-3, "grad_norm": 1.5} for s in range(1, 5)],
+        launches=[{"start_step": 0, "started": "2026-01-01T00:00:00"}, {"start_step": 3, "started": "2026-01-01T01:00:00"}],
+        evals=[{"step": 1, "score": 0.25}, {"step": 2, "score": 0.625}, {"step": 4, "score": 0.5}],
+        best={"step": 2, "score": 0.625}, selection_score=0.625,
+        early_stop={"step": 4, "evaluations_without_improvement": 1},
     )
     (copy / "metrics.json").write_text(json.dumps(metrics))
     assert write_report(copy) == copy / "report.html"
     page = read_page(copy / "report.html")
     assert_self_contained(page)
     figures = page.figures()
-    assert float(figures["best.score"][0]) == 0.625 and figures["best.step"] == ("4", "4")
-    assert float(figures["selection_score"][0]) == 0.625 and figures["early_stop.step"][0] == "6"
+    assert float(figures["best.score"][0]) == 0.625 and figures["best.step"] == ("2", "2")
+    assert float(figures["selection_score"][0]) == 0.625 and figures["early_stop.step"][0] == "4"
     assert [float(figures[f"evals.{i}.score"][0]) for i in range(3)] == [0.25, 0.625, 0.5]
     assert page.by_id("plot-evals") == "" and page.by_id("plot-grad-norm") == ""
-    assert "at step(s) 4" in page.by_id("resumes") and "metrics.json" in page.by_id("resumes")
+    assert "at step(s) 3" in page.by_id("resumes") and "metrics.json" in page.by_id("resumes")
 
 
 def test_report_command_names_a_wrong_directory_or_setting(tmp_path, capsys):
@@ -222,3 +220,30 @@ def test_report_command_names_a_wrong_directory_or_setting(tmp_path, capsys):
     assert report_main([str(tmp_path), "gallery.sise=3"]) == 2
     assert "gallery.sise=3" in capsys.readouterr().err
     assert not (tmp_path / "report.html").exists()
+
+
+def test_a_study_report_ranks_failed_trials_last_and_draws_the_trial_history(sweep_dir, tmp_path):
+    """A sweep directory holding an Optuna study (optimization_results.yaml) and a failed job (status.json, no
+    metrics): the failed job is ranked last with its status and reason, and the page shows the study's best
+    value and an embedded trial-history plot."""
+    study = tmp_path / "study"
+    shutil.copytree(sweep_dir, study, ignore=shutil.ignore_patterns("checkpoint-*", "runs", "tiny_base", "*.safetensors"))
+    failed = study / "2"
+    shutil.copytree(sweep_dir / "0" / ".hydra", failed / ".hydra")
+    overrides = yaml.safe_load((failed / ".hydra" / "overrides.yaml").read_text())
+    overrides = [o if not o.startswith("optim.lr=") else "optim.lr=1e+30" for o in overrides]
+    (failed / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    reason = "training diverged at step 1: loss nan, gradient norm nan."
+    (failed / "status.json").write_text(json.dumps({"status": "failed", "reason": reason, "exit_code": 1}))
+    best = max(read_metrics(sweep_dir / job)["eval_after"] for job in ("0", "1"))
+    (study / "optimization_results.yaml").write_text(yaml.safe_dump(
+        {"name": "optuna", "best_params": {"optim.lr": 0.003}, "best_value": best}))
+    assert write_report(study) == study / "report.html"
+    page = read_page(study / "report.html")
+    assert_self_contained(page)
+    rows = [(attrs["data-job"], text) for tag, attrs, text in page.find("data-job") if tag == "tr"]
+    assert rows[-1][0] == "2" and "failed" in rows[-1][1] and reason in rows[-1][1]
+    assert float(page.figures()["best_value"][0]) == best and "optim.lr=0.003" in page.by_id("study-best")
+    assert page.by_id("plot-trials") == ""
+    assert [attrs["alt"] for tag, attrs, _ in page.elements if tag == "img" and "against" in attrs.get("alt", "")] \
+        == ["accuracy against optim.lr"]

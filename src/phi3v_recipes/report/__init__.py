@@ -18,6 +18,7 @@ import logging
 from collections.abc import Sequence
 from importlib.resources import files
 from pathlib import Path
+from typing import Literal
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -44,7 +45,8 @@ def load_settings(overrides: Sequence[str] = ()) -> DictConfig:
     return settings
 
 
-def write_report(directory: str | Path, settings: DictConfig | None = None, on_error: str = "raise") -> Path | None:
+def write_report(directory: str | Path, settings: DictConfig | None = None,
+                 on_error: Literal["raise", "warn"] = "raise") -> Path | None:
     """Write `<directory>/report.html` for the run or sweep in `directory` and return its path.
 
     on_error="warn" (the automatic report at the end of a run or a sweep): a failure is logged as one warning

@@ -45,6 +45,8 @@ class Prediction:
 class Gallery:
     source: str
     """The predictions file shown."""
+    stage: str
+    """Whose answers: "after training", or "before training" when the run has no final evaluation."""
     total: int
     """Predictions in that file (the gallery shows the first `gallery.size` of them, wrong answers first)."""
     wrong: int
@@ -72,8 +74,9 @@ def build_gallery(run_dir: Path, config: DictConfig | None, settings: DictConfig
     # Wrong answers first (lowest score first); samples of equal score keep the evaluation's order.
     ordered = sorted(predictions, key=lambda p: p.score)
     shown = ordered if settings.gallery.size is None else ordered[: settings.gallery.size]
-    gallery = Gallery(source=source.name, total=len(predictions), wrong=sum(p.verdict == "wrong" for p in ordered),
-                      rows=shown)
+    stage = "before training" if source.name == PREDICTIONS[1] else "after training"
+    gallery = Gallery(source=source.name, stage=stage, total=len(predictions),
+                      wrong=sum(p.verdict == "wrong" for p in ordered), rows=shown)
     if settings.gallery.images and shown:
         gallery.note = _add_thumbnails(shown, config, settings)
     return gallery

@@ -4,7 +4,7 @@ Jinja2 templates beside this module into one HTML string with everything embedde
 from typing import Any
 
 from jinja2 import Environment, PackageLoader, select_autoescape
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from phi3v_recipes.report import plots
 from phi3v_recipes.report.gallery import build_gallery
@@ -64,14 +64,16 @@ def run_page(run: RunRecord, settings: DictConfig) -> str:
     if run.evals:
         images["evals"] = plots.evaluations(run.evals, metrics.get("best"), metric, metrics.get("eval_before"),
                                             plot, run.resumes)
+    config = run.config
     return _environment().get_template("run.html.j2").render(
         run=run,
+        every_steps=OmegaConf.select(config, "eval.every_steps") if config is not None else None,
         metric=metric,
         figures=figures,
         best=metrics.get("best"),
         early_stop=metrics.get("early_stop"),
         images=images,
-        gallery=build_gallery(run.run_dir, run.config, settings),
+        gallery=build_gallery(run.run_dir, config, settings),
         skipped=run.skipped[: settings.skipped.max_listed],
     )
 

@@ -20,8 +20,11 @@ Points = Sequence[tuple[int, float]]
 
 def _figure(settings: DictConfig, taller: float = 1.0) -> tuple[Figure, Any]:
     """A figure on its own Agg canvas, and its one axis."""
-    figure = Figure(figsize=(settings.width_in, settings.height_in * taller), layout="constrained")
+    width, height = settings.width_in, settings.height_in * taller
+    figure = Figure(figsize=(width, height))
     FigureCanvasAgg(figure)
+    # Fixed margins (in inches) rather than a layout engine, which draws every figure twice.
+    figure.subplots_adjust(left=0.85 / width, right=1 - 0.2 / width, bottom=0.55 / height, top=1 - 0.35 / height)
     ax = figure.subplots()
     ax.grid(alpha=0.3)
     return figure, ax
@@ -142,5 +145,6 @@ def trial_history(scores: Sequence[float | None], metric: str, maximize: bool, s
         low = min((s for _, s in done), default=0.0)
         ax.scatter(failed, [low] * len(failed), marker="x", color="tab:red", s=40, label="failed")
     ax.set(title="trial history", xlabel="trial", ylabel=metric)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(loc="best", fontsize="small")
     return _uri(figure, settings)

@@ -85,7 +85,7 @@ def read_json(path: Path) -> Any:
 
 def read_run(run_dir: Path) -> RunRecord:
     """Everything the report shows about the run in `run_dir`, from whichever files it has."""
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).resolve()
     metrics = read_json(run_dir / "metrics.json") or {}
     record = RunRecord(run_dir=run_dir, metrics=metrics, status=read_json(run_dir / "status.json"))
     _read_curves(record)

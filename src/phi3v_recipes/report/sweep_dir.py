@@ -41,7 +41,7 @@ class SweepRecord:
     sweep_dir: Path
     jobs: list[Job]
     swept: list[str]
-    """Override keys whose values differ between jobs (all override keys when there is one job)."""
+    """Override keys given two or more values across the jobs (all override keys when there is one job)."""
     metric: str
     study: Study | None
 
@@ -60,10 +60,11 @@ def is_sweep(directory: Path) -> bool:
 
 
 def read_sweep(sweep_dir: Path) -> SweepRecord:
+    sweep_dir = Path(sweep_dir).resolve()
     jobs = [Job(row["job"], list(row["overrides"] or []), read_run(sweep_dir / str(row["job"])))
             for row in collect(sweep_dir)]
     keys = list(dict.fromkeys(k for job in jobs for k in job.values))
-    swept = [k for k in keys if len({job.values.get(k) for job in jobs}) > 1 or len(jobs) == 1]
+    swept = [k for k in keys if len({job.values[k] for job in jobs if k in job.values}) > 1 or len(jobs) == 1]
     metric = next((j.run.metrics["metric"] for j in jobs if j.run.metrics.get("metric")), "score")
     return SweepRecord(sweep_dir=sweep_dir, jobs=jobs, swept=swept, metric=metric, study=_study(sweep_dir))
 

@@ -153,19 +153,26 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     )
     result = trainer.train(resume_from_checkpoint=resume)
     step = trainer.state.global_step
-    if trainer.stopped_by:
-        message = (f"stopped by {trainer.stopped_by} at step {step}: checkpoint-{step} is saved in {run_dir}; "
-                   f"{resume_command(run_dir)} to resume.")  # logged and printed once, by cli.exit_on_user_error
+
+
+    def stop(by: str) -> RunStopped:  # the stop sentence: logged and printed once, by cli.exit_on_user_error
         stop_signals.chain()  # a cluster launcher's handler may requeue the job here
-        raise RunStopped(message, exit_code=128 + (stop_signals.received or signal.SIGTERM))
-    stop_signals.restore()
+        return RunStopped(f"stopped by {by} at step {step}: checkpoint-{step} is saved in {run_dir}; "
+                          f"{resume_command(run_dir)} to resume.",
+                          exit_code=128 + (stop_signals.received or signal.SIGTERM))
+
+    if trainer.stopped_by:
+        raise stop(trainer.stopped_by)
     if not all_finite(trainer.model):
         raise RunStopped(f"the trained weights hold non-finite values after step {step}; the final model was not "
                          "saved. Lower optim.lr or check the data, then start again.")
     if step == 0:
         raise ConfigError(f"task={cfg.task.name} gave no training step ({len(train_samples)} samples, train.epochs="
                           f"{cfg.train.epochs}, train.max_steps={cfg.train.max_steps}); nothing was saved.")
-    trainer.save_model(str(run_dir))
+    trainer.save_final_model()  # a stop signal meanwhile lets the save complete, then stops as during training
+    if stop_signals.received:
+        raise stop(stop_signals.name)
+    stop_signals.restore()
 
     if cfg.eval.after:
         run_eval("eval_after", trainer.model)

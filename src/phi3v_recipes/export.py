@@ -25,6 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from phi3v_recipes.cli import exit_on_user_error, one_sentence_errors, register_resolvers
+from phi3v_recipes.config import check_output_dir
 from phi3v_recipes.errors import ConfigError
 from phi3v_recipes.rundir import run_config
 
@@ -127,6 +128,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                           "checkpoint-* directory.")
     if cfg.dtype not in DTYPES:
         raise ConfigError(f"dtype={cfg.dtype}: choose one of {DTYPES}.")
+    check_output_dir(output, "output")
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise ConfigError(f"output={output} already exists and is not empty; choose a new directory (nothing is "
                           "overwritten).")

@@ -16,7 +16,7 @@ import hydra
 from omegaconf import DictConfig
 
 from phi3v_recipes.cli import exit_on_user_error, one_sentence_errors, register_resolvers
-from phi3v_recipes.config import check_hardware, check_settings
+from phi3v_recipes.config import check_hardware, check_output_dir, check_settings
 from phi3v_recipes.data.sample import Sample
 from phi3v_recipes.errors import ConfigError, SampleError
 
@@ -61,6 +61,7 @@ def run(cfg: DictConfig) -> int:
         raise ConfigError("predict needs input=<conversations.jsonl> and output=<answers.jsonl>.")
     check_settings(cfg, nullable=["data.num_crops"])
     check_hardware(cfg)
+    check_output_dir(cfg.output, "output", file=True)
     samples, problems = read_jsonl(cfg.input, cfg.image_root, require_answers=False)
     if problems:
         raise SampleError(f"{len(problems)} bad line(s) in {cfg.input}; fix them first:\n  " + "\n  ".join(problems[:10]))

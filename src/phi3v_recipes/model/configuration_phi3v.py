@@ -22,8 +22,12 @@ from contextvars import ContextVar
 from typing import Any
 
 from transformers import CLIPVisionConfig, Phi3Config
-from transformers.configuration_utils import SubConfigSpec
 from transformers.utils import is_flash_attn_2_available, logging
+
+try:  # transformers >= 5.20 builds declared sub-configs itself
+    from transformers.configuration_utils import SubConfigSpec
+except ImportError:  # the GPU image's 5.17: Phi3VConfig.__post_init__ builds `vision_config`
+    SubConfigSpec = None
 
 logger = logging.get_logger(__name__)
 
@@ -95,9 +99,12 @@ class Phi3VConfig(Phi3Config):
     """
 
     model_type = "phi3_v"
-    sub_configs_defaults = {
-        "vision_config": SubConfigSpec(config_class=CLIPVisionConfig, init_kwargs=CLIP_VIT_L_14_336_CONFIG)
-    }
+    if SubConfigSpec is not None:
+        sub_configs_defaults = {
+            "vision_config": SubConfigSpec(config_class=CLIPVisionConfig, init_kwargs=CLIP_VIT_L_14_336_CONFIG)
+        }
+    else:
+        sub_configs = {"vision_config": CLIPVisionConfig}
 
     vision_config: dict | CLIPVisionConfig | None = None
     img_processor: dict | None = None
@@ -124,6 +131,8 @@ class Phi3VConfig(Phi3Config):
                 )
             else:
                 kwargs["attn_implementation"] = saved_attn
+        if SubConfigSpec is None and not isinstance(self.vision_config, CLIPVisionConfig):
+            self.vision_config = CLIPVisionConfig(**(self.vision_config or CLIP_VIT_L_14_336_CONFIG))
         super().__post_init__(**kwargs)
         self._check_vision_fields()
 

@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw
 from phi3v_recipes.data.cauldron import DatasetImage, load_cauldron, load_docvqa
 from phi3v_recipes.data.check import check_sample
 from phi3v_recipes.data.encode import encode_sample, user_content
+from phi3v_recipes.data.screen_cache import ScreenCache, sample_key
 from phi3v_recipes.data.tasks import LOADERS
 from phi3v_recipes.errors import ConfigError, SampleError
 from phi3v_recipes.model.tiny import build_tiny_processor
@@ -331,3 +332,20 @@ def test_seeded_answer_choice_is_independent_of_global_random_state(data_root):
     first = [s.turns[0].assistant for s in load_docvqa(task, "train")[0]]
     random.seed(2)
     assert first == [s.turns[0].assistant for s in load_docvqa(task, "train")[0]]
+
+
+def test_dataset_rows_are_keyed_for_the_screen_cache_by_fingerprint_and_row(data_root, tmp_path):
+    """The screen cache identifies an image of a dataset row by the dataset's fingerprint and the row, without
+    reading it: the same saved dataset loaded again (a relaunch) gives the same keys and its verdicts come from the
+    cache; each row's key is its own."""
+    task = task_cfg("hateful_memes", dataset=str(data_root / "hateful_memes"), eval_holdout=4)
+    first, again = load_cauldron(task, "train")[0], load_cauldron(task, "train")[0]
+    keys = [sample_key(sample, "settings") for sample in first]
+    assert None not in keys and len(set(keys)) == len(keys) == 8
+    assert keys == [sample_key(sample, "settings") for sample in again]
+    processor = build_tiny_processor(num_crops=1, num_img_tokens=36)
+    with ScreenCache(tmp_path, processor, None, None, workers=1) as cache:
+        assert cache.verdicts(first)[1].startswith("8 samples, 0 from cache, 8 screened")
+    with ScreenCache(tmp_path, processor, None, None, workers=1) as cache:
+        verdicts, how = cache.verdicts(again)
+    assert how.startswith("8 samples, 8 from cache, 0 screened") and all(not problems for _, problems in verdicts)

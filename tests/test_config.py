@@ -102,6 +102,20 @@ def test_demo_defaults_to_the_tiny_model_on_cpu():
     validate(cfg, world=1)
 
 
+@pytest.mark.parametrize("hardware", ["a100", "h100"])
+def test_gpu_profiles_pick_flex_attention_without_flash_attn(hardware, monkeypatch):
+    """On a CUDA machine without flash-attn, the bf16 GPU profiles choose PyTorch's FlexAttention (packed rows
+    still attended per sample) and the configuration validates; with flash-attn they choose flash-attention 2
+    (test_every_combination_composes_with_the_expected_values)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "flash_attn" else real_find_spec(name, *a))
+    cfg = combo("docvqa", "lora", hardware, "data.packing=true")
+    assert cfg.model.attn_implementation == "flex_attention"
+    validate(cfg, world=8)
+
+
 @pytest.mark.parametrize(
     "overrides,world,message",
     [
@@ -110,6 +124,7 @@ def test_demo_defaults_to_the_tiny_model_on_cpu():
         (["hardware=cpu", "model.attn_implementation=flash_attention_2", "model.dtype=bfloat16"], 1,
          "flash-attn is not installed"),
         (["hardware=cpu", "model.attn_implementation=flash_attention_2"], 1, "half-precision weights"),
+        (["hardware=cpu", "model.attn_implementation=flex_attention"], 1, "flex_attention cannot train on CPU"),
         (["hardware=a100", "model.attn_implementation=sdpa"], 1, "needs a CUDA GPU"),
         (["hardware=cpu", "train.global_batch_size=64", "train.batch_size=3"], 1, "not divisible"),
         (["hardware=cpu", "train.global_batch_size=16", "train.batch_size=4"], 3, "multiple of 12"),

@@ -148,6 +148,17 @@ def test_check_command_passes_a_clean_file(tree, tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[-1] == "4 samples, 0 problems"
 
 
+def test_check_command_reports_an_empty_file(tmp_path, capsys):
+    """A file with no sample (empty, or blank lines only) is a problem, exit status 1, not a clean pass."""
+    for text in ("", "\n  \n"):
+        path = tmp_path / "empty.jsonl"
+        path.write_text(text)
+        assert main([str(path)]) == 1
+        lines = capsys.readouterr().out.splitlines()
+        assert lines == [f"{path}: the file holds no samples (it is empty or has only blank lines); training on it "
+                         "would stop with no usable sample.", "0 samples, 1 problems"]
+
+
 def test_check_command_usage_errors(tree, tmp_path, capsys):
     assert main([str(tmp_path / "absent.jsonl")]) == 2
     assert "does not exist" in capsys.readouterr().err

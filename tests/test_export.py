@@ -1,9 +1,15 @@
 """`python -m phi3v_recipes.export`: LoRA and QLoRA runs on a tiny checkpoint in the official on-disk layout are
 merged into standalone checkpoints whose files, names and logits are the official layout's and the adapter's;
-the adapters the runs save hold adapter weights only; a real-size config is written with the official values."""
+the adapters the runs save hold adapter weights only; a real-size config is written with the official values.
+The export ships our own model code: it loads without phi3v-recipes through transformers' Auto classes with
+`trust_remote_code=True` (transformers 5: model, processor, config; transformers 4.46: processor and config), and
+the shipped files are the package's, byte for byte."""
 
 import json
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,11 +18,18 @@ from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from phi3v_recipes.export import dequantize_4bit
+from phi3v_recipes.loading import dequantize_4bit
 from phi3v_recipes.model import Phi3VConfig, Phi3VForCausalLM, Phi3VProcessor
 from phi3v_recipes.model.configuration_phi3v import OFFICIAL_KEYS
+from phi3v_recipes.model.remote_code import (
+    HEADER_END,
+    SHIPPED_CONFIG_AUTO_MAP,
+    SHIPPED_MODULES,
+    SHIPPED_PROCESSOR_AUTO_MAP,
+)
 from phi3v_recipes.model.tiny import TINY_NUM_IMG_TOKENS
 from phi3v_recipes.verify_checkpoint import verify
+from tests.clean_env import clean_env_vars, clean_python, transformers_4
 from tests.conftest import official_preprocessor_config, run_cli
 from tests.test_auto_classes import official_layout_checkpoint
 from tests.test_modeling import OFFICIAL_CONFIG
@@ -98,23 +111,130 @@ def test_lora_export_gives_the_adapter_models_logits(lora_export):
 
 @pytest.mark.slow
 def test_lora_export_has_the_official_files_names_and_values(lora_export):
-    """The export holds the base's config.json keys and values (architecture unchanged), exactly the base's tensor
-    names, the official preprocessor_config.json, the chat template, and the reference code copied so that every
-    auto_map entry resolves; `verify_checkpoint` passes on it."""
+    """The export holds the base's config.json keys and values (architecture unchanged; auto_map naming the shipped
+    code), exactly the base's tensor names, the official preprocessor_config.json, the chat template, the serving
+    metadata (use_cache, stop ids, tokenizer_class, num_crops in the printout), and `verify_checkpoint` passes."""
     base, run_dir, out, stdout = lora_export
     config, official = (json.loads((d / "config.json").read_text()) for d in (out, base))
     for key in OFFICIAL_KEYS:
-        if key != "transformers_version":
+        if key not in ("transformers_version", "auto_map"):
             assert config[key] == official[key], key
+    assert config["auto_map"] == SHIPPED_CONFIG_AUTO_MAP and config["use_cache"] is True
     assert tensor_names(out) == tensor_names(base)
     preprocessor = json.loads((out / "preprocessor_config.json").read_text())
     run_crops = OmegaConf.load(run_dir / "config.yaml").data.num_crops  # the run's crops, what it trained with
-    assert preprocessor == {**official_preprocessor_config(TINY_NUM_IMG_TOKENS), "num_crops": run_crops}
-    for name, text in REFERENCE_CODE.items():
-        assert (out / name).read_text() == text
-    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"]
-    assert not list(out.glob("adapter_*")) and "auto_map: reference code copied" in stdout
+    assert preprocessor == {**official_preprocessor_config(TINY_NUM_IMG_TOKENS), "num_crops": run_crops,
+                            "auto_map": SHIPPED_PROCESSOR_AUTO_MAP}
+    tokenizer = json.loads((out / "tokenizer_config.json").read_text())
+    assert tokenizer["chat_template"] and tokenizer["tokenizer_class"] == "LlamaTokenizer"
+    processor = Phi3VProcessor.from_pretrained(out)
+    stops = processor.tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|assistant|>", "<|end|>"])
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == sorted(stops)
+    assert not list(out.glob("adapter_*")) and not list(out.glob("*_phi3_v.py"))
+    assert "auto_map: phi3v-recipes model code shipped" in stdout and f"num_crops: {run_crops} " in stdout
     assert [c.line() for c in verify(out, any_size=True) if not c.ok] == []
+
+
+def test_shipped_code_is_the_package_code_and_imports_no_package(lora_export):
+    """Each shipped file is its `phi3v_recipes/model/` source byte for byte after a header naming the version, so
+    the code an export carries cannot drift from the code the package runs; and what transformers requires of a
+    remote-code file's imports (its own `get_imports`, which skips optional ones under `is_*_available()`) is
+    only torch, transformers, PIL, NumPy and the standard library, with the shipped siblings imported relatively."""
+    from transformers.dynamic_module_utils import get_imports, get_relative_imports
+
+    import phi3v_recipes
+    import phi3v_recipes.model as package
+
+    out = lora_export[2]
+    allowed = {"torch", "transformers", "PIL", "numpy", *sys.stdlib_module_names}
+    for module in SHIPPED_MODULES:
+        shipped = (out / f"{module}.py").read_text(encoding="utf-8")
+        header, marker, body = shipped.partition(HEADER_END.format(name=module))
+        assert marker and header.startswith(f"# Written by phi3v-recipes {phi3v_recipes.__version__}:"), module
+        assert body == (Path(package.__file__).parent / f"{module}.py").read_text(encoding="utf-8"), module
+        assert set(get_imports(out / f"{module}.py")) <= allowed, module
+        assert set(get_relative_imports(out / f"{module}.py")) <= set(SHIPPED_MODULES), module
+
+
+def probe(python: Path, export: Path, root: Path, *args: str) -> dict:
+    """What `tests/remote_code_probe.py` computes from `export` in the clean interpreter `python`."""
+    out = root / "probe.pt"
+    done = subprocess.run([str(python), str(Path(__file__).with_name("remote_code_probe.py")), str(export),
+                           str(out), *args], cwd=root, env=clean_env_vars(root), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(out, weights_only=False)
+
+
+def our_processor_outputs(run_dir: Path) -> tuple[Phi3VProcessor, dict, dict]:
+    """The run's own processor (as its checkpoint saved it, before any export) and its outputs on the probe's two
+    prompts: what training fed the model."""
+    from tests.remote_code_probe import PROMPT, TWO_IMAGES, images
+
+    processor = Phi3VProcessor.from_pretrained(run_dir / "checkpoint-3")
+    red, blue = images()
+    return processor, processor(PROMPT, [red]), processor(TWO_IMAGES, [red, blue], num_crops=16)
+
+
+def assert_same_inputs(got: dict, expected: dict) -> None:
+    for key in ("input_ids", "attention_mask", "pixel_values", "image_sizes"):
+        assert torch.equal(got[key], expected[key]), key
+
+
+@pytest.mark.slow
+def test_export_loads_without_the_package_on_transformers_5(lora_export, tmp_path):
+    """In a virtual environment without phi3v-recipes, AutoConfig, AutoProcessor and AutoModelForCausalLM with
+    trust_remote_code=True load the LoRA export from its shipped code: the processor's input_ids, pixel_values and
+    image_sizes equal the run's processor's exactly, the logits equal our model's on the export to 1e-4 in fp32,
+    `generate` gives the same tokens with and without the KV cache, and what vLLM calls on the processor
+    (processor(text, images, num_crops=…), calc_num_image_tokens_from_image_size(width=, height=), img_tokens,
+    num_img_tokens, num_crops through from_pretrained) answers as ours does."""
+    base, run_dir, out, _ = lora_export
+    result = probe(clean_python(tmp_path / "env"), out, tmp_path, "--model")
+    facts = result["facts"]
+    assert not facts["phi3v_recipes_importable"] and facts["transformers"].startswith("5.")
+    for name in ("config_class", "processor_class", "model_class"):
+        assert facts[name].startswith("transformers_modules."), facts[name]  # the shipped code, not ours
+    assert facts["rope_scaling"]["rope_type"] == "longrope"
+
+    processor, one, two = our_processor_outputs(run_dir)
+    assert_same_inputs(result["inputs"], one)
+    assert_same_inputs(result["inputs_two"], two)
+    sixteen = Phi3VProcessor.from_pretrained(run_dir / "checkpoint-3", num_crops=16)
+    assert facts["calc_tokens"] == {"500x300@None": processor.calc_num_image_tokens_from_image_size(500, 300),
+                                    "200x900@16": sixteen.calc_num_image_tokens_from_image_size(200, 900),
+                                    "1200x400@None": processor.calc_num_image_tokens_from_image_size(1200, 400)}
+    assert facts["image_positions_two"] == int((two["input_ids"] < 0).sum())
+    assert facts["img_tokens"] == ["<|image_1|>", "<|image_2|>", "<|image_3|>"]
+    assert facts["num_img_tokens"] == TINY_NUM_IMG_TOKENS and facts["num_crops_from_pretrained"] == 16
+
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        logits = model(**one).logits
+    torch.testing.assert_close(result["logits"], logits, rtol=0, atol=FP32_ATOL)
+    generated = result["generated"]
+    assert generated.shape[1] > one["input_ids"].shape[1]
+    assert torch.equal(generated, result["generated_no_cache"])
+
+
+@pytest.mark.slow
+def test_export_processor_and_config_load_on_transformers_4_46(lora_export, tmp_path):
+    """In a virtual environment without phi3v-recipes and with transformers 4.46 (the reference code's, and what
+    vLLM's Phi-3-V tests pin), the shipped configuration and processor load through AutoConfig / AutoProcessor with
+    trust_remote_code=True: the config carries the official rope_scaling and vision fields, and the processor's
+    ids and pixels equal the run's processor's exactly. (The shipped model needs transformers 5: docs/export.md.)"""
+    base, run_dir, out, _ = lora_export
+    result = probe(clean_python(tmp_path / "env", first=transformers_4()), out, tmp_path)
+    facts = result["facts"]
+    assert facts["transformers"] == "4.46.3" and not facts["phi3v_recipes_importable"]
+    official = json.loads((base / "config.json").read_text())
+    assert facts["rope_scaling"]["short_factor"] == official["rope_scaling"]["short_factor"]
+    assert facts["img_processor"]["num_img_tokens"] == TINY_NUM_IMG_TOKENS
+    assert facts["embd_layer"] == official["embd_layer"] and facts["vocab_size"] == official["vocab_size"]
+    _, one, two = our_processor_outputs(run_dir)
+    assert_same_inputs(result["inputs"], one)
+    assert_same_inputs(result["inputs_two"], two)
+    assert facts["num_crops_from_pretrained"] == 16 and facts["img_tokens"][0] == "<|image_1|>"
 
 
 @pytest.mark.slow
@@ -132,8 +252,9 @@ def test_lora_checkpoints_hold_adapter_weights_only(lora_export):
 def test_qlora_export_merges_into_the_dequantised_base(tmp_path):
     """A QLoRA run exports merged into its de-quantised base (compute dtype float32 on CPU): the export's logits
     equal peft's adapter on that de-quantised base within FP32_ATOL, and with no reference code beside the base the
-    auto_map entries point at the given hub repository."""
-    base, run_dir, out, stdout = train_and_export(tmp_path, "qlora", "base_repo=microsoft/Phi-3.5-vision-instruct")
+    auto_map entries point at the given hub repository (remote_code=reference)."""
+    base, run_dir, out, stdout = train_and_export(tmp_path, "qlora", "remote_code=reference",
+                                                  "base_repo=microsoft/Phi-3.5-vision-instruct")
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.float32,
                                llm_int8_skip_modules=["model.vision_embed_tokens", "lm_head"])
@@ -172,10 +293,11 @@ def test_real_size_config_json_holds_every_official_key_and_value(tmp_path):
 
 def test_a_model_directory_is_exported_as_is_in_bf16(tmp_path):
     """A model that is not an adapter (a full run's, or any model directory) is written as it is, in bf16 by
-    default: the same tensor names, each weight the bf16 rounding of the source's, reference code copied."""
+    default: the same tensor names, each weight the bf16 rounding of the source's; with remote_code=reference the
+    base's reference code is copied and the auto_map names it, as the official files do."""
     base = official_base(tmp_path / "base", with_code=True)
-    out = run_cli([f"model.name_or_path={base}", f"output={tmp_path / 'export'}"], cwd=tmp_path,
-                  module="phi3v_recipes.export")
+    out = run_cli([f"model.name_or_path={base}", f"output={tmp_path / 'export'}", "remote_code=reference"],
+                  cwd=tmp_path, module="phi3v_recipes.export")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "model as is" in out.stdout and "max |logit|" not in out.stdout
     source = Phi3VForCausalLM.from_pretrained(base).state_dict()
@@ -183,8 +305,12 @@ def test_a_model_directory_is_exported_as_is_in_bf16(tmp_path):
     assert written.keys() == source.keys()
     for name, tensor in written.items():
         assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, source[name].to(torch.bfloat16)), name
-    assert json.loads((tmp_path / "export" / "config.json").read_text())["torch_dtype"] == "bfloat16"
-    assert (tmp_path / "export" / "modeling_phi3_v.py").is_file()
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["torch_dtype"] == "bfloat16" and config["auto_map"]["AutoConfig"] == "configuration_phi3_v.Phi3VConfig"
+    for name, text in REFERENCE_CODE.items():
+        assert (tmp_path / "export" / name).read_text() == text
+    assert not (tmp_path / "export" / "modeling_phi3v.py").exists()
+    assert "auto_map: Microsoft's reference code copied" in out.stdout
 
 
 def test_config_json_of_either_layout_reads_back_the_same(tmp_path):
@@ -220,3 +346,19 @@ def test_export_refuses_a_non_empty_output(tmp_path):
     with pytest.raises(ConfigError, match="already exists and is not empty"):
         run(cfg)
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+def test_export_of_an_unfinished_run_names_its_newest_checkpoint(tmp_path):
+    """A run directory holding only checkpoint-* directories (training did not finish) is refused with exit 2 and
+    one sentence naming the newest complete checkpoint to export, before anything loads."""
+    run_dir = tmp_path / "run"
+    for step in (3, 6, 10):
+        (run_dir / f"checkpoint-{step}").mkdir(parents=True)
+        if step != 10:  # checkpoint-10 was cut short: no trainer_state.json
+            (run_dir / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    (run_dir / "config.yaml").write_text("task: {name: demo}\n")
+    out = run_cli([f"model.name_or_path={run_dir}", f"output={tmp_path / 'export'}"], cwd=tmp_path,
+                  module="phi3v_recipes.export")
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "is a run that did not finish" in out.stderr and f"model.name_or_path={run_dir / 'checkpoint-6'}" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "export").exists()

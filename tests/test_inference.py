@@ -18,14 +18,15 @@ def trained(default_demo):
 
 def test_evaluate_alone_reproduces_the_runs_score(trained, tmp_path):
     """`python -m phi3v_recipes.evaluate model.name_or_path=<run dir>` scores the held-out split like the run's
-    own after-training evaluation, and writes predictions (id, prediction, references, score) beside the metric."""
+    own after-training evaluation, and writes predictions (id, question, prediction, references, score) beside the
+    metric."""
     out = run_cli([f"model.name_or_path={trained}", f"run.output_dir={tmp_path / 'eval'}"], cwd=tmp_path,
                   module="phi3v_recipes.evaluate")
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads((tmp_path / "eval" / "eval_metrics.json").read_text())
     assert result["score"] == read_metrics(trained)["eval_after"]
     rows = [json.loads(line) for line in (tmp_path / "eval" / "eval_predictions.jsonl").open()]
-    assert len(rows) == result["samples"] and set(rows[0]) == {"id", "prediction", "references", "score"}
+    assert len(rows) == result["samples"] and set(rows[0]) == {"id", "question", "prediction", "references", "score"}
 
 
 @pytest.mark.slow

@@ -66,17 +66,19 @@ def test_a_stop_signal_mid_epoch_saves_and_the_same_command_finishes_the_run(sto
     """SIGTERM (preemption) or SIGINT (Ctrl-C, which also reaches the DataLoader workers) in the middle of an epoch:
     the run finishes its optimizer step, saves a checkpoint there and exits with one line (code 128 + signal, no
     traceback); the identical command then resumes and ends with the per-step losses and train_loss of a run that
-    was never interrupted (to 1e-6). train.log tells the story."""
+    was never interrupted (to 1e-6). train.log tells the story; the stop sentence is printed and logged once."""
     run_dir = tmp_path / "run"
     cmd = command(run_dir, f"data.num_workers={workers}")
     proc = start(cmd, tmp_path, start_new_session=True)
     wait_for(lambda: logged(run_dir, "step 4/9"), proc)
     os.killpg(proc.pid, stop) if stop == signal.SIGINT else proc.send_signal(stop)  # Ctrl-C hits the whole group
-    _, stderr = proc.communicate(timeout=120)
+    stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + stop, stderr[-3000:]
     assert "Traceback" not in stderr
     (line,) = [x.split("stopped: ", 1)[1] for x in stderr.splitlines() if "stopped: " in x]
-    assert f"stopped by {stop.name} at step" in line and "run the same command to resume" in line
+    assert f"stopped by {stop.name} at step" in line and "; run the same command to resume" in line
+    assert "run run" not in line and (stdout + stderr).count(f"stopped by {stop.name}") == 1  # said once
+    assert (run_dir / "train.log").read_text().count(f"stopped by {stop.name}") == 1
     saved = int(line.split("at step ")[1].split(":")[0])
     assert 4 <= saved < 9 and (run_dir / f"checkpoint-{saved}").is_dir()
     assert not (run_dir / "metrics.json").exists() and not (run_dir / "model.safetensors").exists()

@@ -94,13 +94,15 @@ def test_zero2_with_two_processes_matches_ddp(tmp_path):
 
 def test_multirun_sweep_writes_one_directory_per_job_and_a_summary(tmp_path):
     """`-m` with two learning rates runs two jobs, each in its own directory with its metrics, and leaves
-    summary.json / summary.txt (job overrides -> final metrics) in the sweep directory."""
+    summary.json / summary.txt (job overrides -> final metrics, best selection score first) in the sweep directory."""
     sweep = tmp_path / "sweep"
     out = run_cli(["-m", *SMALL_DEMO, "optim.lr=1e-3,3e-3", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     for job in ("0", "1"):
         assert (sweep / job / "metrics.json").is_file() and (sweep / job / "model.safetensors").is_file()
     rows = json.loads((sweep / "summary.json").read_text())
+    assert [r["selection_score"] for r in rows] == sorted((r["eval_after"] for r in rows), reverse=True)
+    rows.sort(key=lambda r: r["job"])
     assert [r["job"] for r in rows] == [0, 1]
     assert [o for r in rows for o in r["overrides"] if o.startswith("optim.lr")] == ["optim.lr=0.001",
                                                                                        "optim.lr=0.003"]

@@ -48,6 +48,10 @@ BAD_SETTINGS = [
     ("eval.max_new_tokens=0", "eval.max_new_tokens=0 is out of range"),
     ("eval.batch_size=0", "eval.batch_size=0 is out of range"),
     ("eval.max_samples=0", "eval.max_samples=0 is out of range"),
+    ("eval.every_steps=0", "eval.every_steps=0 is out of range; give a whole number >= 1 (or null)"),
+    ("eval.keep_best=maybe", "eval.keep_best='maybe' is not true or false"),
+    ("eval.patience=0", "eval.patience=0 is out of range"),
+    ("eval.patience=3", "eval.patience=3 counts evaluations during training, but eval.every_steps is null"),
     ("task.train_size=lots", "task.train_size='lots' is not a whole number"),
     ("task.eval_size=-1", "task.eval_size=-1 is out of range"),
     ("task.seed=0.5", "task.seed=0.5 is not a whole number"),
@@ -132,3 +136,49 @@ def test_cli_start_up_errors_exit_2_with_one_sentence(tmp_path):
         assert len(errors) == 1 and errors[0].startswith(expected[name]), (name, out.stderr[-2000:])
     assert not any(tmp_path.rglob("checkpoint-*")) and not any(tmp_path.rglob("*.safetensors"))
     assert (tmp_path / "taken").read_text() == "a file, not a directory\n"
+
+
+# (entrypoint module, overrides, the start of its one `error:` sentence): what Hydra itself finds while composing
+# (unknown key, unknown group option, an unparsable override), a `+key` that adds a key nothing reads, and values
+# handed to libraries, for every Hydra entrypoint.
+COMPOSITION_CASES = {
+    "unknown_key": ("phi3v_recipes", ["train.lrr=1"],
+                    "error: train.lrr: train has no key lrr (did you mean optim.lr?); its keys are batch_size,"),
+    "unknown_option": ("phi3v_recipes", ["task=nlvr"],
+                       "error: task=nlvr is not an option of task (did you mean nlvr2?); choose one of demo,"),
+    "added_key": ("phi3v_recipes", ["+train.epoch=3", "train.max_steps=1"],
+                  "error: +train.epoch: train has no key epoch (did you mean epochs?); its keys are"),
+    "scheduler": ("phi3v_recipes", ["optim.scheduler=cosin", "hardware=cpu"],
+                  "error: optim.scheduler=cosin is not a transformers learning-rate schedule (did you mean cosine?)"),
+    "dtype": ("phi3v_recipes", ["model.dtype=bf16", "hardware=cpu"],
+              "error: model.dtype=bf16: choose one of float32, bfloat16, float16 (did you mean bfloat16"),
+    "unparsable": ("phi3v_recipes", ["optim.betas=[0.9"], "error: the override 'optim.betas=[0.9' cannot be parsed"),
+    "evaluate": ("phi3v_recipes.evaluate", ["eval.batchsize=2"],
+                 "error: eval.batchsize: eval has no key batchsize (did you mean batch_size?)"),
+    "predict": ("phi3v_recipes.predict", ["hardware=cpux", "input=a.jsonl", "output=b.jsonl"],
+                "error: hardware=cpux is not an option of hardware (did you mean cpu?)"),
+    "export": ("phi3v_recipes.export", ["+dtypes=float32", "output=out"],
+               "error: +dtypes: the configuration has no section or key dtypes (did you mean dtype?)"),
+    "plan": ("phi3v_recipes.plan", ["world_sise=4"], "error: world_sise: the configuration has no section or key"),
+    # plan refuses what training refuses, with training's sentence (config.gradient_accumulation)
+    "plan_world": ("phi3v_recipes.plan", ["task=nlvr2", "world_size=128"],
+                   "error: train.global_batch_size=64 is not divisible by world size 128 x train.batch_size=1;"),
+}
+
+
+def test_composition_mistakes_exit_2_with_one_sentence(tmp_path):
+    """Through each entrypoint: Hydra's composition errors and a `+key` that adds an unknown key end with exit
+    code 2 and one `error:` sentence naming the closest valid key or option (not Hydra's report with exit code 1,
+    and not silently ignored); a bad scheduler or dtype, which only a library would reject later, stops at
+    start-up the same way. No run is recorded and no weights are written."""
+    commands = {name: [module, *overrides, f"run.output_dir={tmp_path / name}"] if module == "phi3v_recipes"
+                else [module, *overrides] for name, (module, overrides, _) in COMPOSITION_CASES.items()}
+    results = run_parallel(commands, cwd=tmp_path)
+    for name, out in results.items():
+        expected = COMPOSITION_CASES[name][2]
+        assert out.returncode == 2, (name, out.stderr[-2000:])
+        assert "Traceback" not in out.stderr + out.stdout and "HYDRA_FULL_ERROR" not in out.stderr, name
+        errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and errors[0].startswith(expected), (name, out.stderr[-2000:])
+        assert not (tmp_path / name / "config.yaml").exists(), name  # Hydra's .hydra/ and train.log at most
+    assert not any(tmp_path.rglob("*.safetensors"))

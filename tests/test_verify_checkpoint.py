@@ -11,6 +11,7 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import load_file, save_file
 
 from phi3v_recipes.model import Phi3VConfig, Phi3VForCausalLM
+from phi3v_recipes.model.metadata import finish_saved_model, write_serving_metadata
 from phi3v_recipes.model.modeling_phi3v import OFFICIAL_MAX_SHARD_SIZE
 from phi3v_recipes.model.tiny import TINY_NUM_IMG_TOKENS, build_tiny_processor, tiny_model_config
 from phi3v_recipes.verify_checkpoint import main, verify
@@ -23,13 +24,14 @@ REPO = "microsoft/Phi-3.5-vision-instruct"
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """A tiny long-context model (su rope scaling, 8192 positions over 4096) and its processor, saved by our
-    save_pretrained with the auto_map pointing at the hub repository."""
+    save_pretrained and finished as a run's final model is (serving metadata, shipped code)."""
     path = tmp_path_factory.mktemp("saved") / "model"
     torch.manual_seed(0)
     config = tiny_model_config(max_position_embeddings=8192,
                                rope_scaling={"type": "su", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8})
-    Phi3VForCausalLM._from_config(config).save_pretrained(path, reference_repo=REPO)
-    build_tiny_processor(num_img_tokens=TINY_NUM_IMG_TOKENS).save_pretrained(path, reference_repo=REPO)
+    Phi3VForCausalLM._from_config(config).save_pretrained(path)
+    build_tiny_processor(num_img_tokens=TINY_NUM_IMG_TOKENS).save_pretrained(path)
+    finish_saved_model(path)
     return path
 
 
@@ -54,10 +56,18 @@ def broken_copy(saved, tmp_path, breakage: str):
     config = json.loads((copy / "config.json").read_text())
     if breakage == "rope_scaling removed":
         del config["rope_scaling"]
+    elif breakage == "absolute _name_or_path":
+        config["_name_or_path"] = str(tmp_path / "base")
+    elif breakage == "use_cache false":
+        config["use_cache"] = False
+    elif breakage == "shipped modeling file missing":
+        (copy / "modeling_phi3v.py").unlink()
+    elif breakage == "shipped configuration file missing":
+        (copy / "configuration_phi3v.py").unlink()
     elif breakage == "unresolvable auto_map":
         config["auto_map"] = {"AutoConfig": "configuration_phi3_v.Phi3VConfig",
                               "AutoModelForCausalLM": "modeling_phi3_v.Phi3VForCausalLM"}
-    else:
+    elif breakage in ("stray lora_A", "missing glb_GN"):
         state = load_file(copy / "model.safetensors")
         if breakage == "stray lora_A":
             state["model.layers.0.self_attn.qkv_proj.lora_A.weight"] = torch.zeros(8, 64)
@@ -73,6 +83,10 @@ def broken_copy(saved, tmp_path, breakage: str):
     ("stray lora_A", "no adapter or quantisation leftovers", "qkv_proj.lora_A.weight"),
     ("missing glb_GN", "tensor names", "model.vision_embed_tokens.glb_GN"),
     ("unresolvable auto_map", "auto_map resolvable", "configuration_phi3_v.py is not in the directory"),
+    ("absolute _name_or_path", "serving metadata", "config.json records a local absolute path (_name_or_path"),
+    ("use_cache false", "serving metadata", "use_cache is False"),
+    ("shipped modeling file missing", "auto_map resolvable", "modeling_phi3v.py is not in the directory"),
+    ("shipped configuration file missing", "auto_map resolvable", "imports configuration_phi3v, which is not"),
 ])
 def test_a_broken_copy_fails_naming_the_requirement(saved, tmp_path, breakage, requirement, named):
     """Each breakage that stops the reference code or vLLM fails the requirement it breaks, with the culprit
@@ -131,6 +145,7 @@ def test_a_real_size_official_layout_passes_from_headers_alone(tmp_path):
     index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     build_tiny_processor().save_pretrained(tmp_path)
+    write_serving_metadata(tmp_path)
     preprocessor = official_preprocessor_config()
     preprocessor["auto_map"] = {k: f"{REPO}--{v}" for k, v in preprocessor["auto_map"].items()}
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(preprocessor))
@@ -138,3 +153,12 @@ def test_a_real_size_official_layout_passes_from_headers_alone(tmp_path):
     assert failed(verify(tmp_path)) == {}
     (tmp_path / "model-00002-of-00002.safetensors").unlink()
     assert "missing" in failed(verify(tmp_path))["tensor names"]
+
+
+def test_a_full_runs_final_model_meets_every_requirement(default_demo):
+    """The final model of a full run (README's demo) is saved servable: use_cache true although it trained with
+    the cache off, no absolute path of the training machine, the stop ids, the shipped code; `verify_checkpoint`
+    passes on the run directory (checked at its own size)."""
+    run_dir = default_demo[1]
+    assert failed(verify(run_dir, any_size=True)) == {}
+    assert json.loads((run_dir / "config.json").read_text())["use_cache"] is True

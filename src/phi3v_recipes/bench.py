@@ -46,7 +46,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from phi3v_recipes.cli import exit_on_user_error, register_resolvers
+from phi3v_recipes.cli import exit_on_user_error, one_sentence_errors, register_resolvers
 from phi3v_recipes.config import check_hardware
 from phi3v_recipes.errors import ConfigError
 from phi3v_recipes.files import atomic_write_text
@@ -261,7 +261,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from phi3v_recipes.model.architecture import architecture_config
     from phi3v_recipes.workload import draw_workload
 
-    check_hardware(cfg)
+    check_hardware(cfg, training=True)
     if cfg.baseline not in ("cookbook", None, "none"):
         raise ConfigError(f"baseline={cfg.baseline}: choose cookbook, or none (our path alone).")
     bench = cfg.bench
@@ -418,6 +418,7 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@one_sentence_errors
 @hydra.main(version_base="1.3", config_path="pkg://phi3v_recipes.conf", config_name="bench")
 def main(cfg: DictConfig) -> None:
     exit_on_user_error(run, cfg)

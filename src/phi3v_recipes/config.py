@@ -16,11 +16,14 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from phi3v_recipes.cluster import explicit_output_dir, in_submitit_job, output_dir, world_size
-from phi3v_recipes.errors import ConfigError, check_on_error
+from phi3v_recipes.errors import ConfigError, check_on_error, closest
 
 STRATEGIES = ("full", "frozen_vision", "lora", "qlora")
 PRECISIONS = ("bf16", "fp16", "fp32")
-ATTENTION = ("eager", "sdpa", "flash_attention_2")
+# flex_attention: PyTorch's FlexAttention (torch >= 2.5), the GPU profiles' choice without flash-attn; it attends
+# packed rows per sample through a document block mask (docs/performance.md). It has no backward pass on CPU.
+ATTENTION = ("eager", "sdpa", "flash_attention_2", "flex_attention")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -77,6 +80,7 @@ SETTINGS = (
     Setting("data.max_length", int, 1, nullable=True),
     Setting("data.num_workers", int, 0),
     Setting("data.max_image_pixels", int, 1, nullable=True),
+    Setting("data.screen_workers", int, 1, nullable=True),
     Setting("data.packing", bool),
     Setting("data.max_tokens_per_row", int, 1),
     Setting("data.group_by_length", bool),
@@ -103,6 +107,9 @@ SETTINGS = (
     Setting("eval.max_new_tokens", int, 1),
     Setting("eval.batch_size", int, 1),
     Setting("eval.max_samples", int, 1, nullable=True),
+    Setting("eval.every_steps", int, 1, nullable=True),
+    Setting("eval.keep_best", bool),
+    Setting("eval.patience", int, 1, nullable=True),
     Setting("task.train_size", int, 1),
     Setting("task.eval_size", int, 0),
     Setting("task.seed", int, 0),
@@ -134,6 +141,15 @@ def check_output_dir(path: str | Path, setting: str = "run.output_dir") -> None:
             _require(place.is_dir(), f"{setting}={path}: {place} is a file, not a directory; choose another "
                                      f"{setting}.")
             return
+
+
+def check_scheduler(name: Any) -> None:
+    """ConfigError unless `name` is one of transformers' learning-rate schedules (optim.scheduler)."""
+    from transformers import SchedulerType
+
+    known = [s.value for s in SchedulerType]
+    _require(name in known, f"optim.scheduler={name} is not a transformers learning-rate schedule{closest(name, known)}; "
+                            f"choose one of {', '.join(known)}.")
 
 
 def uses_deepspeed(cfg: DictConfig) -> bool:
@@ -169,10 +185,16 @@ def validate(cfg: DictConfig, world: int | None = None) -> None:
     _require(OmegaConf.is_list(betas) and len(betas) == 2, f"optim.betas={betas}: give two numbers, [beta1, beta2].")
     check_settings(cfg)
     check_on_error(cfg.data.on_error)
+    check_scheduler(cfg.optim.scheduler)
     _require(
         cfg.train.epochs > 0 or cfg.train.max_steps > 0,
         f"train.epochs={cfg.train.epochs} with train.max_steps={cfg.train.max_steps} trains nothing; set "
         "train.epochs > 0 or train.max_steps > 0.",
+    )
+    _require(
+        cfg.eval.get("patience") is None or cfg.eval.get("every_steps") is not None,
+        f"eval.patience={cfg.eval.get('patience')} counts evaluations during training, but eval.every_steps is "
+        "null; set eval.every_steps=N as well, or eval.patience=null.",
     )
     check_output_dir(output_dir(cfg))
     if "report_to" in cfg:
@@ -180,7 +202,7 @@ def validate(cfg: DictConfig, world: int | None = None) -> None:
 
         check_trackers(cfg)
     gradient_accumulation(cfg, world)
-    check_hardware(cfg)
+    check_hardware(cfg, training=True)
     if strategy.get("quantization"):
         try:
             import bitsandbytes  # noqa: F401
@@ -203,9 +225,12 @@ def validate(cfg: DictConfig, world: int | None = None) -> None:
     )
 
 
-def check_hardware(cfg: DictConfig) -> None:
-    """Attention, precision and device settings that this machine can run (training and inference)."""
+def check_hardware(cfg: DictConfig, training: bool = False) -> None:
+    """Attention, precision and device settings that this machine can run (inference; `training=True` also
+    checks what a backward pass needs)."""
     model, hardware = cfg.model, cfg.hardware
+    _require(model.dtype in DTYPES, f"model.dtype={model.dtype}: choose one of {', '.join(DTYPES)}"
+                                    f"{closest(model.dtype, list(DTYPES))}.")
     if hardware.name != "cpu":
         import torch
 
@@ -229,3 +254,16 @@ def check_hardware(cfg: DictConfig) -> None:
         "flash attention is requested but flash-attn is not installed; pip install 'phi3v-recipes[flash]' (GPU "
         "only), or set model.attn_implementation=sdpa.",
     )
+    if model.attn_implementation == "flex_attention":
+        from transformers.utils import is_torch_flex_attn_available
+
+        _require(
+            is_torch_flex_attn_available(),
+            "model.attn_implementation=flex_attention needs PyTorch's FlexAttention (torch >= 2.5), which this "
+            "torch lacks; upgrade torch, or set model.attn_implementation=sdpa.",
+        )
+        _require(
+            not (training and hardware.name == "cpu"),
+            "model.attn_implementation=flex_attention cannot train on CPU (PyTorch's FlexAttention has no backward "
+            "pass there); set model.attn_implementation=sdpa on hardware=cpu, or train on a CUDA GPU.",
+        )

@@ -5,6 +5,7 @@ raise `ConfigError` or `SampleError` without pulling in Hydra. The entrypoints t
 (`cli.exit_on_user_error`).
 """
 
+import difflib
 from typing import Any
 
 ON_ERROR = ("raise", "skip")
@@ -34,3 +35,9 @@ def check_on_error(on_error: Any) -> None:
     """ConfigError unless `on_error` is one of ON_ERROR (data.on_error: what a bad sample does)."""
     if on_error not in ON_ERROR:
         raise ConfigError(f"data.on_error={on_error}: choose raise or skip.")
+
+
+def closest(word: str, options: list[str]) -> str:
+    """` (did you mean a or b?)` for the options closest to a mistyped `word`, or "" when none is close."""
+    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=3, cutoff=0.5)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""

@@ -11,7 +11,7 @@ import json
 import hydra
 from omegaconf import DictConfig
 
-from phi3v_recipes.cli import exit_on_user_error, register_resolvers
+from phi3v_recipes.cli import exit_on_user_error, one_sentence_errors, register_resolvers
 from phi3v_recipes.cluster import output_dir, rank
 from phi3v_recipes.config import check_hardware, check_settings
 from phi3v_recipes.errors import ConfigError, check_on_error
@@ -24,7 +24,7 @@ def run(cfg: DictConfig) -> dict:
     from phi3v_recipes.data.check import screen
     from phi3v_recipes.data.tasks import load_split
     from phi3v_recipes.evaluation import evaluate
-    from phi3v_recipes.inference import load_for_inference
+    from phi3v_recipes.loading import load_for_inference
 
     check_settings(cfg, nullable=["data.num_crops"])
     check_hardware(cfg)
@@ -51,6 +51,7 @@ def run(cfg: DictConfig) -> dict:
     return result
 
 
+@one_sentence_errors
 @hydra.main(version_base="1.3", config_path="pkg://phi3v_recipes.conf", config_name="evaluate")
 def main(cfg: DictConfig) -> float:
     return exit_on_user_error(run, cfg)["score"]

@@ -1,7 +1,8 @@
 """Generation-based evaluation: greedy answers to each sample's first turn, scored by the task's metric.
 
 Batched (left padding), sharded across ranks (rank r takes samples r, r + world, ...) and gathered on rank 0,
-which scores them and writes `<name>_predictions.jsonl` (id, prediction, references, score) next to the metric.
+which scores them and writes `<name>_predictions.jsonl` (id, question, prediction, references, score) next to the
+metric.
 """
 
 import json
@@ -91,7 +92,8 @@ def evaluate(
     if rank == 0 and predictions_file is not None:
         rows = zip(samples, predictions, references, scores, strict=True)
         atomic_write_text(predictions_file, "".join(
-            json.dumps({"id": s.id, "prediction": p, "references": refs, "score": score}) + "\n"
+            json.dumps({"id": s.id, "question": s.turns[0].user, "prediction": p, "references": refs,
+                        "score": score}) + "\n"
             for s, p, refs, score in rows
         ))
     return sum(scores) / len(scores)

@@ -9,8 +9,12 @@ in the official Phi-3-V layout, for vLLM (which cannot serve Phi-3-V LoRA adapte
 
 The weights are cast to `dtype` (bf16 by default) and written as safetensors shards of `max_shard_size` with an
 index, with `config.json`, `generation_config.json`, the processor files and the chat template (see
-`Phi3VForCausalLM.save_pretrained` and `Phi3VProcessor.save_pretrained`); the `auto_map` entries resolve (the base's
-reference `*.py` files are copied, or the entries point at the base's hub repository). For an adapter, the export
+`Phi3VForCausalLM.save_pretrained` and `Phi3VProcessor.save_pretrained`), the serving metadata of
+`model/metadata.py`, and the code `auto_map` names (`model/remote_code.py`): by default our own model code, so that
+the export loads with `trust_remote_code=True` where phi3v-recipes is not installed; with `remote_code=reference`
+Microsoft's (the base's reference `*.py` files copied, or the entries pointing at its hub repository). A run
+directory without a final model (training did not finish) is refused, naming its newest checkpoint. For an
+adapter, the export
 reports the max |logit| difference between the merged model and the adapter model on one sample of the run's own
 data (its `config.yaml` says which task); `python -m phi3v_recipes.verify_checkpoint <dir>` then checks the result.
 """
@@ -24,80 +28,41 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from phi3v_recipes.cli import exit_on_user_error, register_resolvers
+from phi3v_recipes.cli import exit_on_user_error, one_sentence_errors, register_resolvers
 from phi3v_recipes.errors import ConfigError
+from phi3v_recipes.rundir import checkpoints, run_config
 
 register_resolvers()
 log = logging.getLogger("phi3v_recipes.export")
 
 DTYPES = ("bfloat16", "float16", "float32")
+# Files that make a directory a model (full weights or an adapter) rather than a run that has not finished.
+MODEL_FILES = ("config.json", "adapter_config.json")
 
 
-def run_config(path: str) -> DictConfig | None:
-    """The resolved `config.yaml` of the run that `path` (a run directory or one of its checkpoint-* directories)
-    belongs to; None for a model that does not come from a run of ours."""
-    directory = Path(path)
-    for candidate in (directory / "config.yaml", directory.parent / "config.yaml"):
-        if directory.is_dir() and candidate.is_file():
-            return OmegaConf.load(candidate)
-    return None
+def unfinished_run(source: Path) -> str | None:
+    """The sentence for a run directory that holds checkpoints but no final model (training did not finish), naming
+    the newest checkpoint to export; None for anything else."""
+    if not source.is_dir() or any((source / name).is_file() for name in MODEL_FILES):
+        return None
+    found = checkpoints(source)
+    if not found:
+        return None
+    return (f"model.name_or_path={source} is a run that did not finish: it holds checkpoints but no final model. "
+            f"Export its newest checkpoint (model.name_or_path={found[-1]}), or resume the run to finish it.")
 
 
-def dequantize_4bit(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """Replace every bitsandbytes `Linear4bit` of `model` by an `nn.Linear` holding its de-quantised weight in
-    `dtype` (exactly the weight the 4-bit layer computes with), and drop the quantization config."""
-    import bitsandbytes as bnb
-
-    for name, module in list(model.named_modules()):
-        if type(module).__name__ != "Linear4bit":
-            continue
-        weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).to(dtype)
-        linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                                 device=weight.device, dtype=dtype)
-        with torch.no_grad():
-            linear.weight.copy_(weight)
-            if module.bias is not None:
-                linear.bias.copy_(module.bias.to(dtype))
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, linear)
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None:
-        quantizer.remove_quantization_config(model)
-    model.config.dtype = dtype
-    return model
-
-
-def load_source(cfg: DictConfig, source: str, base: str | None, run: DictConfig | None) -> tuple[Any, str]:
-    """(the model to export, a description): the adapter model (peft) for a LoRA / QLoRA run, else the model."""
-    from transformers import AutoModelForCausalLM
-
-    from phi3v_recipes.loading import _loading
+def describe_load(source: str, base: str | None, run: DictConfig | None, merge_dtype: str) -> str:
+    """What the export loads, in words (the first line of its printout)."""
     from phi3v_recipes.strategy import quantization_config
 
-    kwargs: dict[str, Any] = {"attn_implementation": cfg.model.attn_implementation, "dtype": getattr(torch,
-                                                                                                    cfg.model.dtype)}
     if base is None:
-        with _loading("model", source):
-            return AutoModelForCausalLM.from_pretrained(source, **kwargs).to(cfg.device), "model as is"
-    from peft import PeftModel
-
+        return "model as is"
     quant = quantization_config(run) if run is not None else None
-    with _loading("base model", base):
-        if quant is None:
-            model = AutoModelForCausalLM.from_pretrained(base, **kwargs).to(cfg.device)
-            kind = f"LoRA adapter merged into {base} ({cfg.model.dtype})"
-        else:
-            try:
-                import bitsandbytes  # noqa: F401
-            except Exception as err:  # noqa: BLE001 - any failure means 4-bit cannot load here
-                raise ConfigError(f"{source} is a QLoRA run: its base loads in 4-bit through bitsandbytes, which "
-                                  f"cannot run here ({type(err).__name__}: {err}); pip install "
-                                  "'phi3v-recipes[qlora]'.") from None
-            compute = quant.bnb_4bit_compute_dtype
-            kwargs.update(dtype=compute, quantization_config=quant, device_map={"": torch.device(cfg.device)})
-            model = dequantize_4bit(AutoModelForCausalLM.from_pretrained(base, **kwargs), compute)
-            kind = f"QLoRA adapter merged into the de-quantised {base} ({str(compute).removeprefix('torch.')})"
-    return PeftModel.from_pretrained(model, source), kind
+    if quant is None:
+        return f"LoRA adapter merged into {base} ({merge_dtype})"
+    compute = str(quant.bnb_4bit_compute_dtype).removeprefix("torch.")
+    return f"QLoRA adapter merged into the de-quantised {base} ({compute})"
 
 
 def check_inputs(run: DictConfig, processor: Any, split: str, index: int) -> tuple[str, dict[str, torch.Tensor]]:
@@ -124,9 +89,10 @@ def logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor], device: str)
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Write the export `cfg` asks for; return what was written (also printed)."""
-    from phi3v_recipes.loading import TINY, adapter_base
+    from phi3v_recipes.loading import TINY, adapter_base, load_model
     from phi3v_recipes.model import Phi3VProcessor
-    from phi3v_recipes.model.remote_code import hub_repo_id
+    from phi3v_recipes.model.metadata import write_serving_metadata
+    from phi3v_recipes.model.remote_code import REMOTE_CODE_CHOICES, hub_repo_id, write_remote_code
 
     if OmegaConf.is_missing(cfg, "output") or not cfg.output:
         raise ConfigError("output is required: the directory to write the checkpoint to (output=<dir>).")
@@ -136,20 +102,29 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                           "checkpoint-* directory.")
     if cfg.dtype not in DTYPES:
         raise ConfigError(f"dtype={cfg.dtype}: choose one of {DTYPES}.")
+    if cfg.remote_code not in REMOTE_CODE_CHOICES:
+        raise ConfigError(f"remote_code={cfg.remote_code}: choose one of {REMOTE_CODE_CHOICES}.")
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise ConfigError(f"output={output} already exists and is not empty; choose a new directory (nothing is "
                           "overwritten).")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={cfg.device} but no CUDA GPU is visible; use device=cpu.")
+    unfinished = unfinished_run(Path(source))
+    if unfinished:
+        raise ConfigError(unfinished)
 
     run_cfg = run_config(source)
     base = adapter_base(source)
-    model, kind = load_source(cfg, source, base, run_cfg)
+    kind = describe_load(source, base, run_cfg, cfg.model.dtype)
+    # The run's strategy says whether its base was 4-bit (QLoRA): then it is de-quantised before the merge.
+    model = load_model(cfg, source, for_training=False, dequantize=base is not None and run_cfg is not None,
+                       run=run_cfg, device=cfg.device)
     model.eval()
     processor_dir = source if (Path(source) / "preprocessor_config.json").is_file() else (base or source)
     processor = Phi3VProcessor.from_pretrained(processor_dir)
 
-    result: dict[str, Any] = {"source": source, "output": str(output), "kind": kind, "dtype": cfg.dtype}
+    result: dict[str, Any] = {"source": source, "output": str(output), "kind": kind, "dtype": cfg.dtype,
+                              "num_crops": processor.image_processor.num_crops}
     if base is not None:
         if run_cfg is None:
             log.warning("%s has no config.yaml of a run: the logit check needs the run's data and is skipped.",
@@ -163,19 +138,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             result.update(check_sample=sample_id, check_positions=before.shape[1],
                           max_abs_logit_diff=float((after - before).abs().max()))
 
-    # Where the reference code comes from: the base directory (or the run's), else the base's hub repository.
+    # `_name_or_path` as the base's own config.json records it (the official files: the model's name); the
+    # configuration never writes a local absolute path (see `portable_name`).
     code_dir = base or source
-    run_base = None if run_cfg is None else str(run_cfg.model.name_or_path)
-    repo = cfg.base_repo or hub_repo_id(base) or hub_repo_id(run_base) or hub_repo_id(source)
-    # `_name_or_path` as the base's own config.json records it (the official files: the model's name), not the
-    # local path it was loaded from.
     recorded = Path(code_dir) / "config.json"
     if recorded.is_file():
         model.config._name_or_path = json.loads(recorded.read_text()).get("_name_or_path", model.config._name_or_path)
     model = model.to(getattr(torch, cfg.dtype))
     model.config.dtype = getattr(torch, cfg.dtype)
-    model.save_pretrained(output, max_shard_size=cfg.max_shard_size, reference_code=code_dir, reference_repo=repo)
-    processor.save_pretrained(output, reference_code=code_dir, reference_repo=repo)
+    model.save_pretrained(output, max_shard_size=cfg.max_shard_size)
+    processor.save_pretrained(output)
+    write_serving_metadata(output)
+    # Where the reference code comes from (remote_code=reference): the base directory, else its hub repository.
+    run_base = None if run_cfg is None else str(run_cfg.model.name_or_path)
+    repo = cfg.base_repo or hub_repo_id(base) or hub_repo_id(run_base) or hub_repo_id(source)
+    result["code"] = write_remote_code(output, cfg.remote_code, source=code_dir, repo_id=repo)
 
     result["files"] = sorted(p.name for p in output.iterdir())
     print(summary(result, output), flush=True)
@@ -185,19 +162,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def summary(result: dict[str, Any], output: Path) -> str:
     shards = sorted(output.glob("*.safetensors"))
     size = sum(p.stat().st_size for p in shards)
-    auto_map = json.loads((output / "config.json").read_text()).get("auto_map")
-    if not auto_map:
-        code = "auto_map: none (no reference code beside the base and no hub id: set base_repo=<hub repo>)"
-    elif any("--" in v for v in auto_map.values()):
-        code = f"auto_map: {next(iter(auto_map.values())).split('--')[0]} (hub repository)"
-    else:
-        code = "auto_map: reference code copied beside the weights"
     lines = [
         f"== phi3v-recipes export: {result['source']} ==",
         f"{result['kind']}",
         f"wrote {output}: {len(shards)} safetensors file(s), {size / 1e6:.1f} MB, {result['dtype']}",
         f"files: {', '.join(result['files'])}",
-        code,
+        result["code"],
+        f"num_crops: {result['num_crops']} (the processor's default, as the model was trained; a server may pass "
+        "another, e.g. vLLM's mm_processor_kwargs)",
     ]
     if "max_abs_logit_diff" in result:
         lines.append(f"max |logit| difference merged vs adapter model on sample {result['check_sample']} "
@@ -207,6 +179,7 @@ def summary(result: dict[str, Any], output: Path) -> str:
     return "\n".join(lines)
 
 
+@one_sentence_errors
 @hydra.main(version_base="1.3", config_path="pkg://phi3v_recipes.conf", config_name="export")
 def main(cfg: DictConfig) -> None:
     exit_on_user_error(run, cfg)

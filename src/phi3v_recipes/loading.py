@@ -1,4 +1,4 @@
-"""Loading the processor and the model a config names.
+"""Loading the processor and the model a config names: one loader for training, evaluation, prediction and export.
 
 `model.name_or_path` is a hub id, a directory in the official layout, a run directory of ours (full weights or
 a LoRA adapter), or `tiny`: a random tiny Phi-3-V whose tokenizer is trained on the task's own text, written
@@ -7,6 +7,7 @@ the same `from_pretrained` path as a real checkpoint.
 """
 
 import json
+import logging
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig
 from transformers import AutoModelForCausalLM
 
@@ -65,24 +67,76 @@ def load_processor(path: str, num_crops: int | None) -> Phi3VProcessor:
     return processor
 
 
-def load_model(cfg: DictConfig, path: str, for_training: bool = True) -> torch.nn.Module:
-    """The model at `path` with the configured dtype, attention and (qlora) quantization; a LoRA run directory
-    loads its base and attaches the adapter."""
+def load_model(
+    cfg: DictConfig,
+    path: str,
+    for_training: bool = True,
+    dequantize: bool = False,
+    run: DictConfig | None = None,
+    device: str | torch.device | None = None,
+) -> torch.nn.Module:
+    """The model at `path` with the configured dtype and attention; a LoRA run directory loads its base and attaches
+    the adapter (trainable when `for_training`).
+
+    The base is loaded in 4-bit when the strategy of `run` (default: `cfg`) is QLoRA and the model is loaded for
+    training or with `dequantize`. `dequantize` (the export of a QLoRA run) then replaces every 4-bit layer by a
+    plain one holding exactly the weight the 4-bit layer computes with, in the strategy's compute dtype, before
+    the adapter is attached. 4-bit layers live on `device` (default: this rank's)."""
     kwargs: dict[str, Any] = {
         "dtype": getattr(torch, cfg.model.dtype),
         "attn_implementation": cfg.model.attn_implementation,
     }
-    quant = quantization_config(cfg) if for_training else None
+    quant = quantization_config(run if run is not None else cfg) if for_training or dequantize else None
     if quant is not None:
+        _require_bitsandbytes(path)
         kwargs["quantization_config"] = quant
-        kwargs["device_map"] = {"": local_device()}
+        kwargs["device_map"] = {"": torch.device(device) if device is not None else local_device()}
+        if dequantize:
+            kwargs["dtype"] = quant.bnb_4bit_compute_dtype
     base = adapter_base(path)
-    with _loading("model", path):
+    with _loading("base model" if base else "model", base or path):
         model = AutoModelForCausalLM.from_pretrained(base or path, **kwargs)
-        if base:
-            from peft import PeftModel
+    if quant is not None and dequantize:
+        model = dequantize_4bit(model, quant.bnb_4bit_compute_dtype)
+    elif device is not None:
+        model = model.to(device)
+    if base:
+        from peft import PeftModel
 
+        with _loading("adapter", path):
             model = PeftModel.from_pretrained(model, path, is_trainable=for_training)
+    return model
+
+
+def _require_bitsandbytes(path: str) -> None:
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as err:  # noqa: BLE001 - any failure means 4-bit cannot load here
+        raise ConfigError(f"{path} is loaded as a QLoRA run: its base loads in 4-bit through bitsandbytes, which "
+                          f"cannot run here ({type(err).__name__}: {err}); pip install 'phi3v-recipes[qlora]'.") from None
+
+
+def dequantize_4bit(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Replace every bitsandbytes `Linear4bit` of `model` by an `nn.Linear` holding its de-quantised weight in
+    `dtype` (exactly the weight the 4-bit layer computes with), and drop the quantization config."""
+    import bitsandbytes as bnb
+
+    for name, module in list(model.named_modules()):
+        if type(module).__name__ != "Linear4bit":
+            continue
+        weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).to(dtype)
+        linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                 device=weight.device, dtype=dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if module.bias is not None:
+                linear.bias.copy_(module.bias.to(dtype))
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, linear)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    model.config.dtype = dtype
     return model
 
 
@@ -103,3 +157,29 @@ def local_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
+
+
+def init_distributed() -> torch.device:
+    """Join torchrun's process group (if any) and return this rank's device."""
+    device = local_device()
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def load_for_inference(cfg: DictConfig) -> tuple[torch.nn.Module, Any]:
+    """(model in eval mode on this rank's device, processor) from model.name_or_path, for evaluation and
+    prediction; the processor keeps the crop count saved with the model unless data.num_crops sets one."""
+    path = cfg.model.name_or_path
+    if path == TINY:
+        raise ConfigError("model.name_or_path=tiny is an untrained random model; point it at a run directory, a "
+                          "checkpoint-* directory or a hub id.")
+    device = init_distributed()
+    processor = load_processor(path, cfg.data.num_crops)
+    model = load_model(cfg, path, for_training=False).to(device).eval()
+    saved = "set by data.num_crops" if cfg.data.num_crops is not None else "saved with the model"
+    logging.getLogger("phi3v_recipes").info("processor: num_crops=%d (%s)", processor.image_processor.num_crops,
+                                            saved)
+    return model, processor

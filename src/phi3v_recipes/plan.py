@@ -44,8 +44,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from phi3v_recipes.cli import exit_on_user_error, register_resolvers
-from phi3v_recipes.config import uses_deepspeed
+from phi3v_recipes.cli import exit_on_user_error, one_sentence_errors, register_resolvers
+from phi3v_recipes.config import check_settings, gradient_accumulation, uses_deepspeed
 from phi3v_recipes.errors import ConfigError
 from phi3v_recipes.files import atomic_write_text
 
@@ -181,6 +181,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     world = int(cfg.world_size)
     if world < 1:
         raise ConfigError(f"world_size={world} must be >= 1.")
+    check_settings(cfg)  # what training refuses, refused here with the same sentences
+    gradient_accumulation(cfg, world)
     memory_gib = cfg.hardware.get("memory_gib")
     if memory_gib is None:
         raise ConfigError(f"hardware={cfg.hardware.name} has no memory_gib; pass the device memory as "
@@ -258,6 +260,7 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@one_sentence_errors
 @hydra.main(version_base="1.3", config_path="pkg://phi3v_recipes.conf", config_name="plan")
 def main(cfg: DictConfig) -> None:
     exit_on_user_error(run, cfg)

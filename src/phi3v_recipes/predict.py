@@ -15,7 +15,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from phi3v_recipes.cli import exit_on_user_error, register_resolvers
+from phi3v_recipes.cli import exit_on_user_error, one_sentence_errors, register_resolvers
 from phi3v_recipes.config import check_hardware, check_settings
 from phi3v_recipes.data.sample import Sample
 from phi3v_recipes.errors import ConfigError, SampleError
@@ -55,7 +55,7 @@ def run(cfg: DictConfig) -> int:
 
     from phi3v_recipes.data.jsonl import read_jsonl
     from phi3v_recipes.evaluation import answer_batch, stop_token_ids
-    from phi3v_recipes.inference import load_for_inference
+    from phi3v_recipes.loading import load_for_inference
 
     if not cfg.get("input") or not cfg.get("output"):
         raise ConfigError("predict needs input=<conversations.jsonl> and output=<answers.jsonl>.")
@@ -86,6 +86,7 @@ def run(cfg: DictConfig) -> int:
     return len(todo)
 
 
+@one_sentence_errors
 @hydra.main(version_base="1.3", config_path="pkg://phi3v_recipes.conf", config_name="predict")
 def main(cfg: DictConfig) -> None:
     exit_on_user_error(run, cfg)

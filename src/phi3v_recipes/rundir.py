@@ -10,6 +10,9 @@
   is none), `true` (a checkpoint must exist), `false` (the directory must hold no run), or a checkpoint path.
 - **What trained the weights.** `config.yaml` is written when a run starts fresh. A resumed run must train the
   same thing: the keys of `SAME_RUN` must be unchanged (`check_same_run`), except those of `MAY_CHANGE`.
+- **Its files.** The names of what a run directory holds (`METRICS`, `SKIPPED`, `RECORD`, ...) live here, with the
+  functions that read and write them; `open_run_dir` is the whole opening of a run (lock, clean-up, resume point,
+  record) that the recipe calls first.
 """
 
 import atexit
@@ -26,6 +29,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from phi3v_recipes.cluster import resume_command
 from phi3v_recipes.errors import ConfigError, RunStopped
 from phi3v_recipes.files import atomic_write_text
 
@@ -34,12 +38,16 @@ log = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "checkpoint-"
 STAGING = ".checkpoint-staging"
 LOCK = ".lock"
-RECORD = "config.yaml"
+RECORD = "config.yaml"  # the resolved configuration that trains the run's weights
+METRICS = "metrics.json"  # written when a run finishes: its presence marks a finished run
+PREVIOUS_METRICS = "metrics.previous.json"  # a finished run's metrics, once a longer run extends it
+SKIPPED = "skipped.txt"  # one problem sentence per bad sample dropped under data.on_error=skip
 
 # Groups (dotted prefixes of the composed config) that decide which weights a run produces: a resume must keep them.
 SAME_RUN = ("model.", "task.", "strategy.", "optim.", "train.", "data.", "hardware.precision")
 # Keys inside those groups that a resumed run may change: the run's length, checkpointing and logging cadence,
-# how bad samples are handled, DataLoader workers, and how the model runs (attention back-end, not its maths).
+# how bad samples are handled, DataLoader and screening workers, and how the model runs (attention back-end, not
+# its maths).
 MAY_CHANGE = (
     "train.resume",
     "train.epochs",
@@ -48,6 +56,7 @@ MAY_CHANGE = (
     "train.save_total_limit",
     "train.logging_steps",
     "data.num_workers",
+    "data.screen_workers",
     "data.on_error",
     "model.attn_implementation",
 )
@@ -141,7 +150,7 @@ def resume_point(resume: Any, run_dir: Path, extends: bool = False) -> str | Non
     this launch `extends` it (more epochs or steps); a request that cannot be met raises ConfigError.
     """
     found = checkpoints(run_dir)
-    finished = (run_dir / "metrics.json").is_file() and not (extends and found)
+    finished = (run_dir / METRICS).is_file() and not (extends and found)
     if resume is False or resume is None:
         if found or finished:
             raise ConfigError(f"{run_dir} already holds a run; continue it with train.resume=auto (or true), or "
@@ -149,7 +158,7 @@ def resume_point(resume: Any, run_dir: Path, extends: bool = False) -> str | Non
         return None
     if resume in ("auto", True):
         if finished:
-            raise RunStopped(f"{run_dir} holds a finished run (metrics.json): nothing to train. Choose another "
+            raise RunStopped(f"{run_dir} holds a finished run ({METRICS}): nothing to train. Choose another "
                              "run.output_dir for a new run.", exit_code=0)
         if found:
             return str(found[-1])
@@ -220,3 +229,86 @@ def record(cfg: DictConfig, run_dir: Path) -> None:
 def saved_record(run_dir: Path) -> DictConfig | None:
     path = run_dir / RECORD
     return OmegaConf.load(path) if path.is_file() else None
+
+
+def run_config(path: str | Path) -> DictConfig | None:
+    """The recorded configuration of the run that `path` (a run directory or one of its checkpoint-* directories)
+    belongs to; None for a model that does not come from a run of ours."""
+    directory = Path(path)
+    if not directory.is_dir():
+        return None
+    for candidate in (directory / RECORD, directory.parent / RECORD):
+        if candidate.is_file():
+            return OmegaConf.load(candidate)
+    return None
+
+
+def read_skipped(run_dir: Path) -> list[str]:
+    """The distinct problems listed in `<run dir>/skipped.txt` (before and during training, over every launch)."""
+    path = run_dir / SKIPPED
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    return list(dict.fromkeys(line for line in lines if line))
+
+
+def record_skipped(run_dir: Path, problems: list[str]) -> None:
+    """Add the problems found before training to `skipped.txt`, keeping what earlier launches listed."""
+    merged = list(dict.fromkeys(read_skipped(run_dir) + problems))
+    if merged:
+        atomic_write_text(run_dir / SKIPPED, "".join(f"{p}\n" for p in merged))
+
+
+def append_skipped(run_dir: Path, problems: list[str]) -> None:
+    """Append problems met while training to `skipped.txt` (cheap: one write per batch that has any)."""
+    if problems:
+        with (run_dir / SKIPPED).open("a", encoding="utf-8") as handle:
+            handle.write("".join(f"{p}\n" for p in problems))
+
+
+def open_run_dir(cfg: DictConfig, run_dir: Path, main: bool) -> tuple[RunLock | None, str | None]:
+    """Rank 0 locks the run directory, removes incomplete checkpoints, decides where to resume and records (or
+    checks) the configuration; every rank gets the same checkpoint to resume from, or the same error.
+
+    A fresh run records its configuration at once. A resumed run whose allowed settings changed (a longer run, ...)
+    records them with its first checkpoint, once they have trained something (`RecipeTrainer.pending_record`)."""
+    import torch.distributed as dist
+
+    outcome: Any = None
+    lock = None
+    if main:
+        try:
+            lock, resume = _open_run_dir(cfg, run_dir)
+            outcome = resume
+        except (ConfigError, RunStopped) as err:
+            outcome = err
+    if dist.is_available() and dist.is_initialized():
+        shared = [outcome]
+        dist.broadcast_object_list(shared, src=0)
+        outcome = shared[0]
+    if isinstance(outcome, Exception):
+        raise outcome
+    return lock, outcome
+
+
+def _open_run_dir(cfg: DictConfig, run_dir: Path) -> tuple[RunLock, str | None]:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(run_dir)
+    lock.acquire()
+    if lock.took_over:
+        log.info("took over the lock of %s, whose process no longer runs", run_dir)
+    removed = remove_incomplete(run_dir)
+    if removed:
+        log.warning("removed incomplete checkpoint(s) left by an interrupted run: %s", ", ".join(removed))
+    saved = saved_record(run_dir)
+    changes: list[str] = []
+    if saved is not None and cfg.train.resume is not False and (checkpoints(run_dir) or (run_dir / METRICS).exists()):
+        changes = check_same_run(saved, cfg)  # before anything else: a changed run must not even look finished
+    resume = resume_point(cfg.train.resume, run_dir, extends(saved, cfg))
+    if resume is not None and changes:
+        log.info("resuming with changed settings: %s", "; ".join(changes))
+    if resume is None or saved is None:
+        record(cfg, run_dir)
+    if resume is not None and (run_dir / METRICS).is_file():  # a finished run, extended: no longer final
+        os.replace(run_dir / METRICS, run_dir / PREVIOUS_METRICS)
+    log.info("%s", f"resuming from {resume}" if resume else f"starting a new run in {run_dir} (if it is interrupted: "
+             f"{resume_command(run_dir)} to resume)")
+    return lock, resume

@@ -7,7 +7,7 @@ step twice, which the stock integrations do not do:
 - **One tracker run per training run.** The first launch creates the run and writes its id to
   `<run dir>/trackers.json`; every later launch of the same run directory reopens that run (MLflow: the run id;
   wandb: `id=` with `resume="allow"`).
-- **Each step exactly once.** Per-step values (loss, learning rate, gradient norm: `RecipeTrainer.steps`, which
+- **Each step exactly once.** Per-step values (loss, learning rate, gradient norm: `RecipeTrainer.step_records()`, which
   checkpoints carry in `recipe_state.json`) and the evaluations logged during training are held back and sent
   when a checkpoint is complete, up to that checkpoint's step, and at the end of training. A launch that dies
   sends nothing past its last checkpoint, and the next launch resumes from that checkpoint; steps that the dead
@@ -367,7 +367,7 @@ class TrackerCallback(TrainerCallback):
         self.trainer = trainer
 
     def steps(self) -> list[dict[str, Any]]:
-        return self.trainer.steps
+        return self.trainer.step_records()
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         for name, sent in self.trackers.sent.items():

@@ -2,18 +2,22 @@
 
     validate config -> TrainingArguments (joins the process group)
     -> open the run directory (lock, incomplete checkpoints out, resume point, the record: rundir.py)
-    -> task samples -> processor -> screen bad samples (data.on_error) -> model + strategy -> eval before
-    -> RecipeTrainer.train (guarded steps, atomic checkpoints; a stop signal saves and exits: trainer.py)
-    -> save model + processor (finite weights only) -> eval after -> metrics.json + summary
+    -> task samples -> processor -> screen bad samples (data.on_error; kept for relaunches: data/screen_cache.py)
+    -> model + strategy -> eval before
+    -> RecipeTrainer.train (guarded steps, atomic checkpoints; a stop signal saves and exits: trainer.py;
+       evaluations every eval.every_steps with eval.patience: selection.py)
+    -> the best evaluation's weights (eval.keep_best) -> save model + processor (finite weights only)
+    -> eval after -> metrics.json + summary
 
 The run directory ends with the final model (full weights, or the LoRA adapter) and processor files,
-`checkpoint-*` directories, `config.yaml` (the resolved config), `metrics.json`, predictions of each evaluation,
-`skipped.txt` when data.on_error=skip dropped samples, and tensorboard logs under `runs/`.
+`checkpoint-*` directories, `config.yaml` (the resolved config), `metrics.json`, predictions of each evaluation
+(`eval_step-N_predictions.jsonl` for those during training), `skipped.txt` when data.on_error=skip dropped
+samples, `screen_cache.jsonl` (the screen's verdicts, which a relaunch reads instead of decoding every image
+again), tensorboard logs under `runs/`, and `report.html` (report/).
 """
 
 import json
 import logging
-import os
 import signal
 import sys
 import time
@@ -21,34 +25,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from transformers import TrainingArguments, set_seed
 
 from phi3v_recipes.cli import log_to_files
 from phi3v_recipes.cluster import launch_overrides, output_dir, resume_command, world_size
 from phi3v_recipes.config import gradient_accumulation, uses_deepspeed, validate
-from phi3v_recipes.data.check import screen
 from phi3v_recipes.data.collate import build_collator
 from phi3v_recipes.data.dataset import EncodedDataset
 from phi3v_recipes.data.sample import Sample
+from phi3v_recipes.data.screen_cache import ScreenCache
 from phi3v_recipes.data.tasks import load_split
 from phi3v_recipes.errors import ConfigError, RunStopped, SampleError
 from phi3v_recipes.evaluation import evaluate
 from phi3v_recipes.files import atomic_write_text
 from phi3v_recipes.loading import TINY, load_model, load_processor, model_path, write_tiny_base
+from phi3v_recipes.model.metadata import finish_saved_model
 from phi3v_recipes.model.modeling_phi3v import set_supervised_logits
 from phi3v_recipes.preemption import StopSignals
-from phi3v_recipes.rundir import (
-    RunLock,
-    check_same_run,
-    checkpoints,
-    extends,
-    record,
-    remove_incomplete,
-    resume_point,
-    saved_record,
-)
+from phi3v_recipes.report import write_report
+from phi3v_recipes.rundir import METRICS, SKIPPED, open_run_dir, read_skipped, record_skipped
+from phi3v_recipes.selection import Evaluations, predictions_name
 from phi3v_recipes.strategy import apply_strategy
 from phi3v_recipes.trackers import Trackers, hf_report_to
 from phi3v_recipes.trainer import RecipeTrainer, all_finite
@@ -93,57 +90,9 @@ def training_arguments(cfg: DictConfig, run_dir: Path) -> TrainingArguments:
     )
 
 
-def open_run_dir(cfg: DictConfig, run_dir: Path, main: bool) -> tuple[RunLock | None, str | None]:
-    """Rank 0 locks the run directory, removes incomplete checkpoints, decides where to resume and records (or
-    checks) the configuration; every rank gets the same checkpoint to resume from, or the same error.
-
-    A fresh run records its configuration at once. A resumed run whose allowed settings changed (a longer run, ...)
-    records them with its first checkpoint, once they have trained something (`RecipeTrainer.pending_record`)."""
-    outcome: Any = None
-    lock = None
-    if main:
-        try:
-            lock, resume = _open_run_dir(cfg, run_dir)
-            outcome = resume
-        except (ConfigError, RunStopped) as err:
-            outcome = err
-    if dist.is_available() and dist.is_initialized():
-        shared = [outcome]
-        dist.broadcast_object_list(shared, src=0)
-        outcome = shared[0]
-    if isinstance(outcome, Exception):
-        raise outcome
-    return lock, outcome
-
-
-def _open_run_dir(cfg: DictConfig, run_dir: Path) -> tuple[RunLock, str | None]:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(run_dir)
-    lock.acquire()
-    if lock.took_over:
-        log.info("took over the lock of %s, whose process no longer runs", run_dir)
-    removed = remove_incomplete(run_dir)
-    if removed:
-        log.warning("removed incomplete checkpoint(s) left by an interrupted run: %s", ", ".join(removed))
-    saved = saved_record(run_dir)
-    changes: list[str] = []
-    if saved is not None and cfg.train.resume is not False and (checkpoints(run_dir) or (run_dir / "metrics.json").exists()):
-        changes = check_same_run(saved, cfg)  # before anything else: a changed run must not even look finished
-    resume = resume_point(cfg.train.resume, run_dir, extends(saved, cfg))
-    if resume is not None and changes:
-        log.info("resuming with changed settings: %s", "; ".join(changes))
-    if resume is None or saved is None:
-        record(cfg, run_dir)
-    if resume is not None and (run_dir / "metrics.json").is_file():  # a finished run, extended: no longer final
-        os.replace(run_dir / "metrics.json", run_dir / "metrics.previous.json")
-    log.info("%s", f"resuming from {resume}" if resume else f"starting a new run in {run_dir} (if it is interrupted: "
-             f"{resume_command(run_dir)} to resume)")
-    return lock, resume
-
-
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train and evaluate as `cfg` says; return the metrics (also written to <run dir>/metrics.json)."""
-    start = time.perf_counter()
+    start, launch_started = time.perf_counter(), time.time()
     logging.captureWarnings(True)  # library warnings go to train.log too
     log.info("command: %s", " ".join(sys.orig_argv))
     log.info("overrides: %s", " ".join(launch_overrides()) or "none")
@@ -156,7 +105,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     set_seed(cfg.train.seed)
 
     train_samples, train_problems = load_split(cfg.task, "train")
-    wants_eval = cfg.eval.before or cfg.eval.after
+    wants_eval = cfg.eval.before or cfg.eval.after or cfg.eval.every_steps is not None
     eval_samples, eval_problems = load_split(cfg.task, "eval") if wants_eval else ([], [])
 
     path = model_path(cfg, run_dir)
@@ -168,18 +117,23 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     processor = load_processor(path, cfg.data.num_crops)
 
     data = cfg.data
-    train_samples, skipped = screen(train_samples, processor, data.max_length, data.on_error, train_problems,
-                                    data.max_image_pixels)
-    eval_samples, eval_skipped = screen(eval_samples, processor, data.max_length, data.on_error, eval_problems,
-                                        data.max_image_pixels)
+    with ScreenCache(run_dir, processor, data.max_length, data.max_image_pixels, data.screen_workers,
+                     write=main) as screened:  # verdicts kept in the run dir; the first screen spread over ranks
+        train_samples, skipped, train_lengths = screened.screen("training", train_samples, data.on_error,
+                                                                train_problems)
+        eval_samples, eval_skipped, _ = screened.screen("held-out", eval_samples, data.on_error, eval_problems)
     if cfg.eval.max_samples is not None:
         eval_samples = eval_samples[: cfg.eval.max_samples]
     if main and (skipped or eval_skipped):
-        log.warning("skipped %d bad sample(s); see %s", len(skipped) + len(eval_skipped), run_dir / "skipped.txt")
+        log.warning("skipped %d bad sample(s); see %s", len(skipped) + len(eval_skipped), run_dir / SKIPPED)
     if main:
         record_skipped(run_dir, skipped + eval_skipped)
     if not train_samples:
         raise SampleError(f"task={cfg.task.name} has no usable training samples.")
+    if cfg.eval.every_steps is not None and not eval_samples:
+        raise ConfigError(f"eval.every_steps={cfg.eval.every_steps} evaluates the held-out set, but task="
+                          f"{cfg.task.name} has no usable held-out samples; give the task a held-out set or set "
+                          "eval.every_steps=null.")
 
     model = apply_strategy(load_model(cfg, path), cfg)
     metric = cfg.task.metric
@@ -199,6 +153,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             metrics["eval_before"] = earlier
             log.info("eval_before: %s = %.4f, as measured by the first launch of this run", metric, earlier)
 
+    def evaluate_at(net: torch.nn.Module, step: int) -> float:  # an evaluation during training
+        return evaluate(net, processor, eval_samples, metric, cfg.eval.batch_size, cfg.eval.max_new_tokens,
+                        run_dir / predictions_name(step))
+
     set_supervised_logits(model, cfg.train.supervised_logits)
     stop_signals = StopSignals(cfg.run.stop_signals)  # before the DataLoader forks its workers
     trainer = RecipeTrainer(
@@ -208,17 +166,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         pending_record=cfg if resume else None,
         model=model,
         args=args,
-        train_dataset=EncodedDataset(train_samples, processor, data.max_length, data.on_error, data.max_image_pixels),
+        train_dataset=EncodedDataset(train_samples, processor, data.max_length, data.on_error, data.max_image_pixels,
+                                     lengths=train_lengths),
         data_collator=build_collator(cfg.data, processor.tokenizer.pad_token_id, cfg.model.attn_implementation),
         processing_class=processor,
+        evaluations=Evaluations(cfg.eval.every_steps, cfg.eval.patience),
+        evaluator=evaluate_at,
+        launch_started=launch_started,
     )
     trainer.add_callback(trackers.callback(trainer))
     result = trainer.train(resume_from_checkpoint=resume)
     step = trainer.state.global_step
     if trainer.stopped_by:
-        message = (f"stopped by {trainer.stopped_by} at step {step}: checkpoint-{step} is saved in {run_dir}; run "
-                   f"{resume_command(run_dir)} to resume.")
-        log.warning("%s", message)
+        message = (f"stopped by {trainer.stopped_by} at step {step}: checkpoint-{step} is saved in {run_dir}; "
+                   f"{resume_command(run_dir)} to resume.")  # logged and printed once, by cli.exit_on_user_error
         stop_signals.chain()  # a cluster launcher's handler may requeue the job here
         raise RunStopped(message, exit_code=128 + (stop_signals.received or signal.SIGTERM))
     stop_signals.restore()
@@ -228,28 +189,53 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if step == 0:
         raise ConfigError(f"task={cfg.task.name} gave no training step ({len(train_samples)} samples, train.epochs="
                           f"{cfg.train.epochs}, train.max_steps={cfg.train.max_steps}); nothing was saved.")
+    model_step = trainer.load_best() if cfg.eval.keep_best else step
     trainer.save_model(str(run_dir))
+    if main:  # config.json / generation_config.json / tokenizer metadata for serving, and the shipped model code
+        finish_saved_model(run_dir)
 
     if cfg.eval.after:
         run_eval("eval_after", trainer.model)
 
+    trainer.close_launch()
+    totals = trainer.run_totals()
     metrics.update(
-        train_loss=sum(trainer.step_losses) / len(trainer.step_losses),
+        train_loss=totals["train_loss"],
         train_samples=len(train_samples),
         eval_samples=len(eval_samples),
         skipped_samples=len(read_skipped(run_dir)),
-        train_samples_per_second=result.metrics.get("train_samples_per_second"),
-        train_runtime_s=result.metrics.get("train_runtime"),
+        train_samples_per_second=totals["train_samples_per_second"],
+        train_runtime_s=totals["train_runtime"],
         global_steps=result.global_step,
-        wall_time_s=round(time.perf_counter() - start, 2),
+        wall_time_s=round(sum(entry["wall_time_s"] for entry in trainer.launches), 2),
+        launch_wall_time_s=round(time.perf_counter() - start, 2),
         output_dir=str(run_dir),
+        **selection_record(trainer, metrics.get("eval_after"), model_step),
+        steps=trainer.step_records(),
+        launches=trainer.launches,
     )
     if main:
-        atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        atomic_write_text(run_dir / METRICS, json.dumps(metrics, indent=2) + "\n")
         print(summary(metrics), flush=True)
         log_to_files(summary(metrics))
+        write_report(run_dir, on_error="warn")  # report.html: plots, predictions gallery, config
     trackers.finish(metrics, step)  # after metrics.json: a tracker run marked finished is a finished run
     return metrics
+
+
+def selection_record(trainer: RecipeTrainer, eval_after: float | None, model_step: int) -> dict[str, Any]:
+    """metrics.json's model-selection keys: `evals` ([{step, score}]), `best` ({step, score} or null),
+    `selection_score` (best.score when evaluating during training, else eval_after), `early_stop` (null or
+    {step, evaluations_without_improvement}) and `model_step` (the step whose weights are the final model)."""
+    evaluations = trainer.evaluations
+    best = evaluations.best
+    return {
+        "evals": evaluations.evals,
+        "best": best,
+        "selection_score": best["score"] if evaluations.enabled and best is not None else eval_after,
+        "early_stop": trainer.early_stop,
+        "model_step": model_step,
+    }
 
 
 def earlier_score(predictions: Path, samples: list[Sample]) -> float | None:
@@ -263,29 +249,25 @@ def earlier_score(predictions: Path, samples: list[Sample]) -> float | None:
     return sum(row["score"] for row in rows) / len(rows)
 
 
-def read_skipped(run_dir: Path) -> list[str]:
-    """The distinct problems listed in `<run dir>/skipped.txt` (before and during training, over every launch)."""
-    path = run_dir / "skipped.txt"
-    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
-    return list(dict.fromkeys(line for line in lines if line))
-
-
-def record_skipped(run_dir: Path, problems: list[str]) -> None:
-    """Add the problems found before training to `skipped.txt`, keeping what earlier launches listed."""
-    merged = list(dict.fromkeys(read_skipped(run_dir) + problems))
-    if merged:
-        atomic_write_text(run_dir / "skipped.txt", "".join(f"{p}\n" for p in merged))
-
-
 def summary(metrics: dict[str, Any]) -> str:
     before, after = metrics.get("eval_before"), metrics.get("eval_after")
     score = " -> ".join(f"{v:.3f}" for v in (before, after) if v is not None) or "not evaluated"
     speed = metrics.get("train_samples_per_second")
-    return "\n".join([
+    lines = [
         f"== phi3v-recipes: task={metrics['task']} strategy={metrics['strategy']} ==",
         f"{metrics['metric']} (eval before -> after): {score}",
+    ]
+    if metrics.get("best") is not None:
+        best, stop = metrics["best"], metrics.get("early_stop")
+        lines.append(
+            f"best {metrics['metric']} {best['score']:.3f} at step {best['step']} of {len(metrics['evals'])} "
+            f"evaluations; final model: step {metrics['model_step']}"
+            + (f"; stopped early at step {stop['step']} ({stop['evaluations_without_improvement']} evaluations "
+               "without improvement)" if stop else ""))
+    return "\n".join([
+        *lines,
         f"train loss {metrics['train_loss']:.4f} over {metrics['global_steps']} steps; "
         f"{speed if speed is not None else float('nan'):.2f} samples/s; wall time {metrics['wall_time_s']:.1f} s",
         f"model and processor: {metrics['output_dir']}",
-        f"metrics: {Path(metrics['output_dir']) / 'metrics.json'}",
+        f"metrics: {Path(metrics['output_dir']) / METRICS}",
     ])

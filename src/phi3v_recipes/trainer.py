@@ -10,7 +10,13 @@
   checkpoint at that same step and stop; the step's loss, averaged over ranks, is recorded exactly;
 - checkpoints are atomic (`_save_checkpoint`): written under `.checkpoint-staging/`, flushed to disk and renamed
   to `checkpoint-N` when complete; older ones are rotated out only after that. A failed write stops the run and
-  keeps the previous checkpoint. A LoRA adapter is saved without the untouched base weights (`_save`).
+  keeps the previous checkpoint. A LoRA adapter is saved without the untouched base weights (`_save`);
+- evaluation during training (`eval.every_steps`, `selection.py`): after the step's check, a due evaluation scores
+  the held-out set and writes a checkpoint there; `eval.patience` ends training; rotation keeps the best
+  checkpoint (`eval.keep_best`), and `load_best` puts its weights back at the end. An evaluation that a stop
+  signal put off runs when the next launch resumes, before it trains;
+- the run's record (`recipe_state.json` in every checkpoint): each step's loss, learning rate and gradient norm,
+  the evaluations, and each launch's start step and times, so metrics describe the whole run across launches.
 
 Everything else is the stock `Trainer`.
 """
@@ -21,6 +27,9 @@ import logging
 import math
 import os
 import shutil
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,36 +37,52 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints, seed_worker
 
 from phi3v_recipes.cluster import resume_command
 from phi3v_recipes.errors import ConfigError, RunStopped, SampleError
 from phi3v_recipes.preemption import StopSignals
-from phi3v_recipes.rundir import CHECKPOINT_PREFIX, STAGING, checkpoints, record
+from phi3v_recipes.rundir import CHECKPOINT_PREFIX, STAGING, append_skipped, checkpoints, record
+from phi3v_recipes.selection import Evaluations
 
 log = logging.getLogger("phi3v_recipes")
 
 RECIPE_STATE = "recipe_state.json"
-"""Saved in every checkpoint: the exact loss of every optimizer step so far (also with its learning rate and
-gradient norm: `steps`) and the world size."""
+"""Saved in every checkpoint: the exact loss, learning rate and gradient norm of every optimizer step so far, the
+evaluations during training, the launches (start step, start time, training and wall seconds) and the world
+size."""
+
+Evaluator = Callable[[torch.nn.Module, int], float]
+"""Scores a model on the held-out set at a step (every rank calls it; every rank gets the score)."""
 
 
 class RecipeTrainer(Trainer):
     """`Trainer` for one recipe run; `recipe` is the composed configuration, `run_dir` the run directory."""
 
     def __init__(self, *args: Any, recipe: DictConfig, run_dir: Path, stop_signals: StopSignals | None = None,
-                 pending_record: DictConfig | None = None, **kwargs: Any):
+                 pending_record: DictConfig | None = None, evaluations: Evaluations | None = None,
+                 evaluator: Evaluator | None = None, launch_started: float | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.recipe = recipe
         self.pending_record = pending_record  # written as config.yaml with the first checkpoint it trained
         self.run_dir = Path(run_dir)
         self.stop_signals = stop_signals
         self.step_losses: list[float] = []
-        self.steps: list[dict[str, Any]] = []  # {step, loss, learning_rate, grad_norm} per optimizer step
+        self.learning_rates: list[float | None] = []
+        self.grad_norms: list[float | None] = []
+        self.evaluations = evaluations or Evaluations()
+        self.evaluator = evaluator
+        self.launches: list[dict[str, Any]] = []  # this launch last
         self.stopped_by: str | None = None
+        self.early_stop: dict[str, int] | None = None
         self._step_loss = 0.0
         self._guarded_step = -1
+        self._launch_started = time.time() if launch_started is None else launch_started
+        self._train_started = self._launch_started
+        self._eval_seconds = 0.0
+        self._finished = False  # resumed from a checkpoint after which nothing is left to train (eval.patience)
+        self.add_callback(_TrainBegin(self))
 
     # ---- batches: padding, length grouping or padding-free packing (data/batching.py) -----------------------
 
@@ -103,6 +128,8 @@ class RecipeTrainer(Trainer):
     # ---- problem samples -------------------------------------------------------------------------------------
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
+        if self._finished:  # no batch is drawn: the loop ends without a step (see on_train_begin)
+            return [], None
         batches, num_items = [], None
         for _ in range(num_batches):
             try:
@@ -118,11 +145,9 @@ class RecipeTrainer(Trainer):
         return batches, num_items
 
     def _record_skipped(self, problems: list[str]) -> None:
-        if problems:
-            for problem in problems:
-                log.warning("skipped while training: %s", problem)
-            with (self.run_dir / "skipped.txt").open("a", encoding="utf-8") as handle:
-                handle.write("".join(f"{p}\n" for p in problems))
+        for problem in problems:
+            log.warning("skipped while training: %s", problem)
+        append_skipped(self.run_dir, problems)
 
     # ---- steps -----------------------------------------------------------------------------------------------
 
@@ -135,9 +160,37 @@ class RecipeTrainer(Trainer):
                     f"{self.args.world_size}; resume with the same number of processes (data order and optimizer "
                     "shards depend on it).")
             self.step_losses = list(state["step_losses"])
-            self.steps = list(state.get("steps", []))
-            log.info("resuming from %s at step %d", resume_from_checkpoint, len(self.step_losses))
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+            steps = len(self.step_losses)
+            self.learning_rates = list(state.get("learning_rates", [None] * steps))
+            self.grad_norms = list(state.get("grad_norms", [None] * steps))
+            self.evaluations.evals = [dict(e) for e in state.get("evals", [])]
+            self.launches = [dict(entry) for entry in state.get("launches", [])]
+            log.info("resuming from %s at step %d", resume_from_checkpoint, steps)
+        self._guarded_step = len(self.step_losses)
+        self.launches.append({"start_step": len(self.step_losses), "started": _iso(self._launch_started)})
+        self._train_started = time.time()
+        try:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        except KeyboardInterrupt:  # a second Ctrl-C (preemption.py): stop at once and say what is kept
+            kept = checkpoints(self.run_dir)
+            where = (f"{kept[-1]} is the newest checkpoint kept; {resume_command(self.run_dir)} to resume from it"
+                     if kept else f"no checkpoint was saved yet; {resume_command(self.run_dir)} to start again")
+            raise RunStopped(f"interrupted by a second Ctrl-C at step {self.state.global_step}, before its "
+                             f"checkpoint was written: {where}.", exit_code=130) from None
+
+    def on_train_begin(self) -> None:
+        """Called once the resumed weights are loaded, before the first step: runs the evaluation that a stop signal
+        put off at the checkpoint's step, and ends a run whose patience had already run out."""
+        step = self.state.global_step
+        if step == 0:
+            return
+        self._evaluate_if_due()
+        self.early_stop = self.evaluations.early_stop(step, self.state.max_steps)
+        if self.early_stop is not None:
+            self._finished = True
+            self.control.should_training_stop = True
+            log.info("training stopped early at step %d (eval.patience=%s): nothing more to train", step,
+                     self.evaluations.patience)
 
     def training_step(self, model: torch.nn.Module, inputs: dict, num_items_in_batch: Any = None) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -147,10 +200,40 @@ class RecipeTrainer(Trainer):
     def _maybe_log_save_evaluate(self, tr_loss: torch.Tensor, grad_norm: Any, *args: Any, **kwargs: Any) -> None:
         if self.state.global_step != self._guarded_step:
             self._guarded_step = self.state.global_step
-            self._guard_step(grad_norm)
+            learning_rate = kwargs.get("learning_rate")
+            self._guard_step(grad_norm, self._get_learning_rate() if learning_rate is None else learning_rate)
+            if not self.stopped_by:  # a stop signal saves first; the next launch evaluates this step
+                self._evaluate_if_due()
         super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
 
-    def _guard_step(self, grad_norm: Any) -> None:
+    def _evaluate_if_due(self) -> None:
+        """Evaluate the model at this step if the schedule asks for it (`selection.Evaluations.due`); the score goes
+        to train.log, to the trackers through `log`, and to the checkpoint that this step then writes."""
+        step, max_steps = self.state.global_step, self.state.max_steps
+        if self.evaluator is None or not self.evaluations.due(step, max_steps):
+            return
+        started = time.time()
+        device = self.args.device
+        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+            score = self.evaluator(self.model, step)  # generation takes no random number; training's RNG is kept
+        self._eval_seconds += time.time() - started
+        self.evaluations.add(step, score)
+        best = self.evaluations.best
+        metric = self.recipe.task.metric
+        if self.is_world_process_zero():
+            log.info("evaluation at step %d: %s = %.4f (best %.4f at step %d)", step, metric, score, best["score"],
+                     best["step"])
+        self.log({f"eval_{metric}": score})
+        self.control.should_save = True  # the weights that scored are kept
+        self.early_stop = self.evaluations.early_stop(step, max_steps)
+        if self.early_stop is not None:
+            self.control.should_training_stop = True
+            if self.is_world_process_zero():
+                log.info("early stop at step %d: %d evaluations without improvement on %.4f at step %d "
+                         "(eval.patience=%d)", step, self.early_stop["evaluations_without_improvement"],
+                         best["score"], best["step"], self.evaluations.patience)
+
+    def _guard_step(self, grad_norm: Any, learning_rate: float | None = None) -> None:
         """One all-reduce per optimizer step: [loss sum, non-finite count, stop signals] over the ranks."""
         loss = torch.as_tensor(self._step_loss, dtype=torch.float64, device=self.args.device).reshape(())
         self._step_loss = 0.0
@@ -175,8 +258,8 @@ class RecipeTrainer(Trainer):
                 f"nothing from this step was saved and {kept}. Lower optim.lr (now {self.recipe.optim.lr}) or "
                 "check the data, then start again.")
         self.step_losses.append(total / self.args.world_size)
-        self.steps.append({"step": step, "loss": self.step_losses[-1], "learning_rate": self._get_learning_rate(),
-                           "grad_norm": norm if grad_norm is not None else None})
+        self.learning_rates.append(float(learning_rate) if learning_rate is not None else None)
+        self.grad_norms.append(norm if grad_norm is not None and math.isfinite(norm) else None)
         if stop:
             self.stopped_by = (self.stop_signals.name if self.stop_signals and self.stop_signals.received
                                else "a stop signal on another rank")
@@ -184,10 +267,61 @@ class RecipeTrainer(Trainer):
             self.control.should_training_stop = True
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "train_loss" in logs and self.step_losses:  # the end of train(): the whole run's figures, not this launch's
+            self._update_launch()
+            logs = {**logs, **self.run_totals()}
         super().log(logs, start_time)
         if self.is_world_process_zero() and "loss" in logs:
             extra = "".join(f" {k} {logs[k]:.6g}" for k in ("grad_norm", "learning_rate") if k in logs)
             log.info("step %d/%d: loss %.6f%s", self.state.global_step, self.state.max_steps, logs["loss"], extra)
+
+    # ---- the run's record across launches ----------------------------------------------------------------------
+
+    def _update_launch(self) -> None:
+        """This launch's last trained step and its seconds of training (evaluations during training excluded) and
+        of wall time so far; saved with each checkpoint, so an interrupted launch counts up to its last one."""
+        now = time.time()
+        self.launches[-1].update(end_step=self.state.global_step,
+                                 train_runtime_s=round(now - self._train_started - self._eval_seconds, 3),
+                                 wall_time_s=round(now - self._launch_started, 3))
+
+    def close_launch(self) -> None:
+        """Bring this launch's wall time up to now (the end of the run: the final save and evaluation included)."""
+        self.launches[-1]["wall_time_s"] = round(time.time() - self._launch_started, 3)
+
+    def run_totals(self) -> dict[str, float | None]:
+        """Loss and speed of the whole run, over every launch: the mean loss of every step, the seconds spent
+        training the steps that were kept, and the samples (optimizer steps x global batch) per second."""
+        steps = len(self.step_losses)
+        runtime = sum(entry.get("train_runtime_s", 0.0) for entry in self.launches)
+        samples = steps * self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        return {
+            "train_loss": sum(self.step_losses) / steps if steps else float("nan"),
+            "train_runtime": round(runtime, 3),
+            "train_samples_per_second": round(samples / runtime, 3) if runtime > 0 else None,
+            "train_steps_per_second": round(steps / runtime, 3) if runtime > 0 else None,
+        }
+
+    def step_records(self) -> list[dict[str, Any]]:
+        """One row per optimizer step of the whole run: step, loss, learning rate, gradient norm."""
+        return [{"step": i + 1, "loss": loss, "learning_rate": lr, "grad_norm": norm} for i, (loss, lr, norm)
+                in enumerate(zip(self.step_losses, self.learning_rates, self.grad_norms, strict=True))]
+
+    def load_best(self) -> int:
+        """Load the weights of the best evaluation (eval.keep_best) into the model; returns the step whose weights
+        the model now holds (the last step when it is the best, or when nothing was evaluated)."""
+        best = self.evaluations.best
+        if best is None or best["step"] == self.state.global_step:
+            return self.state.global_step
+        self.state.best_model_checkpoint = str(self._checkpoint_dir(best["step"]))
+        self.state.best_metric = best["score"]
+        self._load_best_model()
+        log.info("final model: the weights of the best evaluation, %s = %.4f at step %d (%s)",
+                 self.recipe.task.metric, best["score"], best["step"], self.state.best_model_checkpoint)
+        return best["step"]
+
+    def _checkpoint_dir(self, step: int) -> Path:
+        return self.run_dir / f"{CHECKPOINT_PREFIX}{step}"
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
 
@@ -201,8 +335,11 @@ class RecipeTrainer(Trainer):
         try:
             super()._save_checkpoint(model, trial)
             self.accelerator.wait_for_everyone()
+            self._update_launch()
             if main:
-                state = {"step_losses": self.step_losses, "steps": self.steps, "world_size": self.args.world_size}
+                state = {"step_losses": self.step_losses, "learning_rates": self.learning_rates,
+                         "grad_norms": self.grad_norms, "evals": self.evaluations.evals, "launches": self.launches,
+                         "world_size": self.args.world_size}
                 (staged / RECIPE_STATE).write_text(json.dumps(state) + "\n")
                 _fsync_tree(staged)
                 if final.exists():  # the same step saved twice (e.g. a resume at the final step): replace it
@@ -226,8 +363,10 @@ class RecipeTrainer(Trainer):
         self.accelerator.wait_for_everyone()  # no rank leaves (e.g. on a stop signal) before the rename is done
         if main:
             shutil.rmtree(staging_root, ignore_errors=True)
+            best = self.evaluations.best if self.recipe.eval.get("keep_best", True) else None
             rotate_checkpoints(str(self.run_dir), save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+                               best_model_checkpoint=str(self._checkpoint_dir(best["step"])) if best else None,
+                               use_mtime=False)
             log.info("saved %s", final)
 
 
@@ -249,6 +388,20 @@ class RecipeTrainer(Trainer):
             super()._save(output_dir, state_dict)
         finally:
             del model.save_pretrained
+
+
+class _TrainBegin(TrainerCallback):
+    """Calls `RecipeTrainer.on_train_begin` at HF's `on_train_begin`: resumed weights are loaded, no step taken."""
+
+    def __init__(self, trainer: RecipeTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer.on_train_begin()
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
 
 
 def _fsync_tree(root: Path) -> None:

@@ -14,7 +14,12 @@ in seconds. The requirements (see docs/export.md):
     no leftovers          no adapter (`lora_*`, `base_layer`, adapter files) or quantisation (`absmax`, `quant_*`,
                           `quantization_config`) traces
     auto_map              every entry of config.json and preprocessor_config.json resolves: `<module>.py` beside
-                          the weights defining the class, or a `<repo id>--<module>.<Class>` hub reference
+                          the weights defining the class (and the files it imports relatively), or a
+                          `<repo id>--<module>.<Class>` hub reference
+    shipped code          our model code beside the weights carries the header naming the phi3v-recipes version
+    serving metadata      config.json `use_cache: true` and `eos_token_id` the id of `</s>`; generation_config.json
+                          with the stop ids (`<|endoftext|>`, `<|assistant|>`, `<|end|>`); tokenizer_class
+                          `LlamaTokenizer` as the official files; no local absolute path in any JSON file
     processor files       preprocessor_config.json with the official fields; tokenizer files with a
                           tokenizer_class transformers 4 knows; a chat template
     image token           with the official vocabulary, the tokenizer maps `<|image|>` to 32044 (vLLM's id)
@@ -34,7 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from phi3v_recipes.model.remote_code import REFERENCE_MODULES
+from phi3v_recipes.model.metadata import OFFICIAL_TOKENIZER_CLASS, STOP_TOKENS, absolute_paths, token_ids
+from phi3v_recipes.model.processing_phi3v import EOS_TOKEN
+from phi3v_recipes.model.remote_code import HEADER_END, REFERENCE_MODULES, SHIPPED_MODULES
 
 __all__ = ["Check", "verify", "main"]
 
@@ -47,6 +54,9 @@ LEFTOVER = re.compile(r"(lora_[AB]|lora_embedding|lora_magnitude|\.base_layer\.|
 PREPROCESSOR_FIELDS = ("processor_class", "image_processor_type", "num_crops", "num_img_tokens", "image_mean",
                        "image_std", "do_convert_rgb", "auto_map")
 TRANSFORMERS_5_ONLY_TOKENIZERS = ("TokenizersBackend",)  # unknown to the transformers 4 of the reference code
+# The JSON files a loader reads (a run directory's own records, metrics.json and the like, are not among them).
+LOADER_FILES = ("config.json", "generation_config.json", "preprocessor_config.json", "processor_config.json",
+                "tokenizer_config.json", "special_tokens_map.json", "chat_template.json")
 
 
 @dataclass
@@ -88,7 +98,7 @@ def stored_tensors(directory: Path) -> tuple[dict[str, tuple[int, ...]], list[st
         weight_map, files = {}, [p.name for p in sorted(directory.glob("*.safetensors"))]
     if not files:
         problems.append("no model.safetensors and no model.safetensors.index.json")
-    if list(directory.glob("*.bin")):
+    if [p for p in directory.glob("*.bin") if p.name != "training_args.bin"]:  # the Trainer's record, not weights
         problems.append("pytorch *.bin weights beside safetensors")
     tensors: dict[str, tuple[int, ...]] = {}
     for name in files:
@@ -192,9 +202,15 @@ def _check_auto_map(directory: Path, config: dict[str, Any], preprocessor: dict[
             code = directory / f"{module}.py"
             if not code.is_file():
                 problems.append(f"{file} auto_map.{key}={reference}: {module}.py is not in the directory")
-            elif not re.search(rf"^class {re.escape(cls)}\b", code.read_text(encoding="utf-8", errors="replace"),
-                               re.M):
+                continue
+            text = code.read_text(encoding="utf-8", errors="replace")
+            imported = [name for name in re.findall(r"^\s*from \.(\w+) import", text, re.M)
+                        if not (directory / f"{name}.py").is_file()]
+            if not re.search(rf"^class {re.escape(cls)}\b", text, re.M):
                 problems.append(f"{file} auto_map.{key}={reference}: {module}.py defines no class {cls}")
+            elif imported:
+                problems.append(f"{file} auto_map.{key}={reference}: {module}.py imports {', '.join(imported)}, "
+                                "which is not in the directory")
             else:
                 seen.append(f"{key} -> {module}.py")
     if problems:
@@ -227,6 +243,61 @@ def _check_processor(directory: Path, config: dict[str, Any], preprocessor: dict
     if problems:
         return Check(name, False, "; ".join(problems))
     return Check(name, True, f"Phi3VProcessor, num_crops {preprocessor['num_crops']}, num_img_tokens {tokens}")
+
+
+def _check_shipped_code(directory: Path) -> Check | None:
+    """The header of our model code beside the weights (None when the directory carries none of it)."""
+    present = [m for m in SHIPPED_MODULES if (directory / f"{m}.py").is_file()]
+    if not present:
+        return None
+    versions, problems = set(), []
+    for module in present:
+        text = (directory / f"{module}.py").read_text(encoding="utf-8", errors="replace")
+        found = re.match(r"# Written by phi3v-recipes (\S+):", text)
+        if not found or HEADER_END.format(name=module) not in text:
+            problems.append(f"{module}.py has no phi3v-recipes header")
+        else:
+            versions.add(found.group(1))
+    if problems:
+        return Check("shipped code", False, "; ".join(problems))
+    return Check("shipped code", True, f"{len(present)} file(s) written by phi3v-recipes {', '.join(sorted(versions))}")
+
+
+def _check_metadata(directory: Path, config: dict[str, Any]) -> Check:
+    name = "serving metadata"
+    problems = []
+    if config.get("use_cache") is not True:
+        problems.append(f"config.json use_cache is {config.get('use_cache')!r}: the reference code then generates "
+                        "without a KV cache")
+    try:
+        ids = token_ids(directory, (EOS_TOKEN, *STOP_TOKENS))
+    except Exception:  # noqa: BLE001 - an unreadable tokenizer is reported by the image token check
+        ids = {}
+    if EOS_TOKEN in ids and config.get("eos_token_id") != ids[EOS_TOKEN]:
+        problems.append(f"config.json eos_token_id {config.get('eos_token_id')!r} is not the id of {EOS_TOKEN} "
+                        f"({ids[EOS_TOKEN]}), as in the official file")
+    generation = _read_json(directory / "generation_config.json")
+    stops = sorted(ids[t] for t in STOP_TOKENS if t in ids)
+    if generation is None:
+        problems.append("generation_config.json is missing")
+    else:
+        eos = generation.get("eos_token_id")
+        eos = eos if isinstance(eos, list) else [eos]
+        if not set(stops) <= set(eos):
+            problems.append(f"generation_config.json eos_token_id {generation.get('eos_token_id')!r} lacks the stop "
+                            f"ids {stops} ({', '.join(STOP_TOKENS)})")
+    tokenizer = _read_json(directory / "tokenizer_config.json") or {}
+    if tokenizer.get("tokenizer_class") != OFFICIAL_TOKENIZER_CLASS:
+        problems.append(f"tokenizer_class {tokenizer.get('tokenizer_class')!r}, not {OFFICIAL_TOKENIZER_CLASS!r} as "
+                        "in the official files")
+    for file in LOADER_FILES:
+        hits = absolute_paths(_read_json(directory / file) or {})
+        if hits:
+            problems.append(f"{file} records a local absolute path ({hits[0]})")
+    if problems:
+        return Check(name, False, "; ".join(problems))
+    return Check(name, True, f"use_cache true, eos_token_id {config.get('eos_token_id')}, stop ids {stops}, "
+                             f"{OFFICIAL_TOKENIZER_CLASS}, no local paths")
 
 
 def _check_image_token(directory: Path) -> Check:
@@ -297,6 +368,10 @@ def verify(directory: str | Path, any_size: bool = False) -> list[Check]:
 
     preprocessor = _read_json(directory / "preprocessor_config.json")
     checks.append(_check_auto_map(directory, config, preprocessor))
+    shipped = _check_shipped_code(directory)
+    if shipped is not None:
+        checks.append(shipped)
+    checks.append(_check_metadata(directory, config))
     checks.append(_check_processor(directory, config, preprocessor))
     checks.append(_check_image_token(directory))
     return checks

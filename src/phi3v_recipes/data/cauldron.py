@@ -85,6 +85,11 @@ class DatasetImage:
         except (OSError, ValueError) as err:
             raise OSError(f"{type(err).__name__}: {err}") from None
 
+    def identity(self) -> list:
+        """What identifies this image without reading it (the screen cache's key): the dataset's fingerprint
+        (which `datasets` derives from its files and the transforms applied), the column, row and index."""
+        return [self.table._fingerprint, self.column, self.row, self.index]
+
     def __repr__(self) -> str:
         return self.label
 

@@ -10,14 +10,14 @@ As a command, it checks a jsonl file before any training and lists every problem
     python -m phi3v_recipes.data.check train.jsonl [--image_root DIR] [--num_crops 16] [--max_length 4096]
                                                    [--max_image_pixels N] [--model tiny|<processor dir or hub id>]
 
-Problems: lines that are not JSON, missing or mistyped fields, duplicate ids, missing or unreadable images,
-images over --max_image_pixels pixels (default: data.max_image_pixels of conf/train.yaml), image tags in a
-turn's text that do not match its images, and samples longer than --max_length. Notes (`note:`, not problems):
-animated images, of which only the first frame is used. The exit status is 1 when anything is wrong, 0
-otherwise (2 when the file or the processor cannot be opened). Token counts need a
-processor: the default `tiny` one counts image tokens exactly as Phi-3-V does (144 per crop, the HD layout of
---num_crops), but its small tokenizer only approximates the text tokens; `--model` with a real processor (a
-model directory, or a hub id in the local cache) gives the exact counts that `data.max_length` compares.
+Problems: a file without any sample, lines that are not JSON, missing or mistyped fields, duplicate ids, missing
+or unreadable images, images over --max_image_pixels pixels (default: data.max_image_pixels of conf/train.yaml),
+image tags in a turn's text that do not match its images, and samples longer than --max_length. Notes (`note:`,
+not problems): animated images, of which only the first frame is used. The exit status is 1 when anything is
+wrong, 0 otherwise (2 when the file or the processor cannot be opened). Token counts need a processor: the
+default `tiny` one counts image tokens exactly as Phi-3-V does (144 per crop, the HD layout of --num_crops), but
+its small tokenizer only approximates the text tokens; `--model` with a real processor (a model directory, or a
+hub id in the local cache) gives the exact counts that `data.max_length` compares.
 """
 
 import argparse
@@ -98,14 +98,24 @@ def screen(
     max_pixels: int | None = None,
 ) -> tuple[list[Sample], list[str]]:
     """(usable samples, problems). `errors` are problems found earlier (e.g. unparsable lines); images are read
-    as training reads them (`max_pixels`: data.max_image_pixels)."""
+    as training reads them (`max_pixels`: data.max_image_pixels). Training screens through
+    `screen_cache.ScreenCache`, which keeps the verdicts in the run directory and spreads the work."""
+    check_on_error(on_error)
+    found = [sample_problems(sample, processor, max_length, max_pixels)[1] for sample in samples]
+    return keep_usable(samples, found, on_error, errors)
+
+
+def keep_usable(
+    samples: Sequence[Sample], found: Sequence[Sequence[str]], on_error: str, errors: Sequence[str] = ()
+) -> tuple[list[Sample], list[str]]:
+    """(usable samples, problems) given the problems `found` for each sample: `data.on_error` applied (`raise`:
+    SampleError listing the first problems; `skip`: the samples without problems)."""
     check_on_error(on_error)
     problems = list(errors)
     kept = []
-    for sample in samples:
-        found = sample_problems(sample, processor, max_length, max_pixels)[1]
-        problems += found
-        if not found:
+    for sample, sample_found in zip(samples, found, strict=True):
+        problems += sample_found
+        if not sample_found:
             kept.append(sample)
     if problems and on_error == "raise":
         listed = "\n  ".join(problems[:MAX_LISTED])
@@ -179,6 +189,9 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
         return 2
 
     problems = [(_line_of(p, args.jsonl), p) for p in parse_problems]
+    if not samples and not parse_problems:
+        problems.append((0, f"{args.jsonl}: the file holds no samples (it is empty or has only blank lines); "
+                            "training on it would stop with no usable sample."))
     notes: list[tuple[int, str]] = []
     lengths: list[tuple[int, str]] = []
     first_use: dict[str, Sample] = {}

@@ -25,10 +25,15 @@ class EncodedDataset(Dataset):
     """`samples` encoded on access: HD transform, chat template, loss mask (see the module docstring)."""
 
     def __init__(self, samples: Sequence[Sample], processor: Any, max_length: int | None = None,
-                 on_error: str = "raise", max_pixels: int | None = None):
+                 on_error: str = "raise", max_pixels: int | None = None, lengths: Sequence[int] | None = None):
+        """`lengths`: each sample's token count when already known (the screen's), for length-grouped batches
+        and packing; None: `data.lengths.dataset_lengths` reads them from the image headers when needed."""
         check_on_error(on_error)
+        if lengths is not None and len(lengths) != len(samples):
+            raise ValueError(f"{len(lengths)} lengths for {len(samples)} samples.")
         self.samples, self.processor = samples, processor
         self.max_length, self.on_error, self.max_pixels = max_length, on_error, max_pixels
+        self.lengths = list(lengths) if lengths is not None else None
 
     def __len__(self) -> int:
         return len(self.samples)

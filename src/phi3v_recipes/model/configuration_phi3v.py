@@ -16,14 +16,23 @@ ViT-L/14-336), and lets tests build tiny models.
 and vLLM read: `rope_scaling: {type, short_factor, long_factor}` and `rope_theta` instead of transformers 5's
 `rope_parameters`, `torch_dtype` instead of `dtype`, `_attn_implementation` and `_name_or_path` as the official
 files record them. Reading accepts both that layout and transformers 5's.
+
+This file imports only transformers (it is shipped verbatim beside every export, see docs/export.md). Under
+transformers 4 (the reference code's era) the class loads as a plain `Phi3Config` with the vision dicts as
+attributes, for processors and tools that read the configuration; the model itself needs transformers 5.
 """
 
+import os
 from contextvars import ContextVar
 from typing import Any
 
 from transformers import CLIPVisionConfig, Phi3Config
-from transformers.configuration_utils import SubConfigSpec
 from transformers.utils import is_flash_attn_2_available, logging
+
+try:  # transformers 5
+    from transformers.configuration_utils import SubConfigSpec
+except ImportError:  # transformers 4: no sub-config defaults (the model needs transformers 5 anyway)
+    SubConfigSpec = None
 
 logger = logging.get_logger(__name__)
 
@@ -97,7 +106,7 @@ class Phi3VConfig(Phi3Config):
     model_type = "phi3_v"
     sub_configs_defaults = {
         "vision_config": SubConfigSpec(config_class=CLIPVisionConfig, init_kwargs=CLIP_VIT_L_14_336_CONFIG)
-    }
+    } if SubConfigSpec is not None else {}
 
     vision_config: dict | CLIPVisionConfig | None = None
     img_processor: dict | None = None
@@ -215,7 +224,7 @@ class Phi3VConfig(Phi3Config):
         if dtype is not None:
             output["torch_dtype"] = str(dtype).removeprefix("torch.")
         output["_attn_implementation"] = OFFICIAL_ATTN_IMPLEMENTATION
-        output["_name_or_path"] = getattr(self, "_name_or_path", "") or ""
+        output["_name_or_path"] = portable_name(getattr(self, "_name_or_path", "") or "")
         if output.get("architectures") is None:
             output["architectures"] = ["Phi3VForCausalLM"]
         # The reference code assumes layer_idx -2 and type_feature `patch` when absent, as the official files are.
@@ -266,6 +275,14 @@ class Phi3VConfig(Phi3Config):
         return self.img_processor["image_dim_out"]
 
 
+def portable_name(name_or_path: str) -> str:
+    """`_name_or_path` as a saved file records it: a hub id or a model name as is, a local absolute path reduced to
+    its last component (the official files say `Phi-3.5-vision-instruct`), so that no file written on one machine
+    names a directory of it."""
+    name = str(name_or_path)
+    return os.path.basename(os.path.normpath(name)) if os.path.isabs(name) else name
+
+
 # Every key of the official Phi-3.5-vision-instruct / Phi-3-vision-128k-instruct `config.json`: always written.
 OFFICIAL_KEYS = (
     "_attn_implementation", "_name_or_path", "architectures", "attention_dropout", "auto_map", "bos_token_id",
@@ -276,4 +293,4 @@ OFFICIAL_KEYS = (
     "use_cache", "vocab_size",
 )
 
-__all__ = ["CLIP_VIT_L_14_336_CONFIG", "OFFICIAL_KEYS", "Phi3VConfig"]
+__all__ = ["CLIP_VIT_L_14_336_CONFIG", "OFFICIAL_KEYS", "Phi3VConfig", "portable_name"]

@@ -13,9 +13,12 @@ them); the model looks the embedding up at `max(id, 0)` on a copy and overwrites
 features, so the caller's tensor is never modified.
 
 Packed rows (several samples end to end in one row, `position_ids` restarting at 0 for each, no attention mask:
-`data/collate.py` `PackingCollator`) are attended block-diagonally by eager/sdpa attention and through the
-variable-length path of flash-attention; such a forward never creates a cache (with one, transformers would not
-see the sample boundaries).
+`data/collate.py` `PackingCollator`) are attended block-diagonally by eager/sdpa attention, through the
+variable-length path of flash-attention, and by FlexAttention (`attn_implementation="flex_attention"`) through a
+block mask of causal AND same-sample, which transformers builds from the `position_ids` restarts and which skips
+the blocks between samples; such a forward never creates a cache (with one, transformers would not see the sample
+boundaries). FlexAttention serves the language model only: CLIP's crops are a dense batch without a mask, which
+sdpa's fused kernels attend without FlexAttention's compilation, so CLIP then runs sdpa (`vision_attention`).
 
 Supervised-only logits (training): `Phi3VForCausalLM.supervised_logits = True`, or the forward argument
 `supervised_logits=True`, makes a training forward with `labels` run the LM head only at the positions whose
@@ -23,9 +26,11 @@ Supervised-only logits (training): `Phi3VForCausalLM.supervised_logits = True`, 
 (`logits` is then None). On CUDA, with Liger installed (`pip install 'phi3v-recipes[liger]'`), the head and the
 cross-entropy run as Liger's fused linear cross-entropy. The switch is a module attribute, never saved in
 `config.json`; generation and evaluation (no labels, or eval mode) are unaffected.
+
+This file imports only torch, transformers and its sibling `configuration_phi3v` (relatively): it is shipped
+verbatim beside every export, where transformers loads it with `trust_remote_code=True` (see docs/export.md).
 """
 
-import importlib.util
 import os
 from typing import Any
 
@@ -40,11 +45,10 @@ from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.clip.modeling_clip import CLIPEncoder, CLIPVisionEmbeddings
 from transformers.models.phi3.modeling_phi3 import Phi3Model, Phi3PreTrainedModel
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils import TransformersKwargs, can_return_tuple, is_liger_kernel_available
 from transformers.utils.deprecation import deprecate_kwarg
 
-from phi3v_recipes.model.configuration_phi3v import Phi3VConfig
-from phi3v_recipes.model.remote_code import CONFIG_AUTO_MAP, resolve_auto_map
+from .configuration_phi3v import Phi3VConfig
 
 # The shard size of the official checkpoints (transformers 4's default): two safetensors files and an index for
 # the 8.3 GB bf16 Phi-3.5-vision; one file, no index, for anything under 5 GB.
@@ -197,23 +201,22 @@ class Phi3VPreTrainedModel(Phi3PreTrainedModel):
         save_directory: str | os.PathLike,
         *args: Any,
         max_shard_size: int | str = OFFICIAL_MAX_SHARD_SIZE,
-        reference_code: str | os.PathLike | None = None,
-        reference_repo: str | None = None,
         **kwargs: Any,
     ) -> None:
         """Save in the official layout: `config.json` as the official one (see `Phi3VConfig.to_dict`), the
         official tensor names in safetensors shards of at most `max_shard_size` with an index when there is more
-        than one, and an `auto_map` whose entries resolve (see `remote_code`): the reference `*.py` files of
-        `reference_code` (default: the directory this model was loaded from) are copied beside the weights, or
-        the entries point at the hub repository `reference_repo` (default: the hub id it was loaded from)."""
+        than one. `auto_map` entries that would not resolve in `save_directory` (a `<module>.py` that is not
+        there, e.g. the reference code of the checkpoint this model was loaded from) are left out; hub references
+        (`<repo>--<module>.<Class>`) are kept."""
         config = self.config
         had_map, saved_map = hasattr(config, "auto_map"), getattr(config, "auto_map", None)
-        source = reference_code if reference_code is not None else getattr(config, "_name_or_path", None)
-        if kwargs.get("is_main_process", True):
-            resolved = resolve_auto_map(saved_map or CONFIG_AUTO_MAP, save_directory, source, reference_repo)
-            if resolved:
-                config.auto_map = resolved
-            elif had_map:
+        if had_map:
+            kept = {key: ref for key, ref in (saved_map or {}).items()
+                    if not isinstance(ref, str) or "--" in ref
+                    or os.path.isfile(os.path.join(save_directory, ref.rsplit(".", 1)[0] + ".py"))}
+            if kept:
+                config.auto_map = kept
+            else:
                 del config.auto_map
         try:
             super().save_pretrained(save_directory, *args, max_shard_size=max_shard_size, **kwargs)
@@ -223,6 +226,12 @@ class Phi3VPreTrainedModel(Phi3PreTrainedModel):
             elif hasattr(config, "auto_map"):
                 del config.auto_map
 
+    def set_attn_implementation(self, attn_implementation: str | dict, **kwargs: Any) -> None:
+        """transformers' switch of the attention back-end, CLIP's following `vision_attention`."""
+        super().set_attn_implementation(attn_implementation, **kwargs)
+        if isinstance(attn_implementation, str):
+            self.config.vision_config._attn_implementation = vision_attention(self.config._attn_implementation)
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if isinstance(module, Phi3VImageEmbedding):
@@ -231,6 +240,11 @@ class Phi3VPreTrainedModel(Phi3PreTrainedModel):
         elif isinstance(module, CLIPVisionEmbeddings):
             init.normal_(module.class_embedding, mean=0.0, std=module.embed_dim**-0.5)
             init.copy_(module.position_ids, torch.arange(module.num_positions).expand((1, -1)))
+
+
+def vision_attention(attn_implementation: str | None) -> str | None:
+    """CLIP's attention back-end for the language model's: the same, except sdpa under FlexAttention."""
+    return "sdpa" if attn_implementation == "flex_attention" else attn_implementation
 
 
 def is_packed(position_ids: torch.Tensor | None) -> bool:
@@ -246,6 +260,7 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
         # transformers resolved the attention back-end on the top config only; the CLIP blocks read theirs from
         # `vision_config`. Re-assigning through the setter hands it down.
         config._attn_implementation = config._attn_implementation
+        config.vision_config._attn_implementation = vision_attention(config._attn_implementation)
         self.vision_embed_tokens = Phi3VImageEmbedding(config)
         self.post_init()
 
@@ -307,10 +322,14 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
 
 def _liger_fused_linear_cross_entropy():
     """Liger's fused linear cross-entropy function, or None when liger-kernel is not installed."""
-    if importlib.util.find_spec("liger_kernel") is None:
+    if not is_liger_kernel_available():
         return None
-    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-
+    # In a try block: transformers' check of a remote-code file's imports (4.x and 5.x alike) then does not
+    # require liger-kernel.
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    except ImportError:
+        return None
     return liger_fused_linear_cross_entropy
 
 

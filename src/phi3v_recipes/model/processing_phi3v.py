@@ -8,6 +8,12 @@ repeated once per image token. The model finds the image positions as `input_ids
 Unlike the reference, which takes one string, the processor batches: a list of prompts is padded (right for
 training, left for generation) and the images of all samples are concatenated, in sample order, into
 `pixel_values` / `image_sizes`. A batch of one is identical to the reference's output.
+
+This file imports only torch, NumPy, PIL, transformers and its sibling `image_processing_phi3v` (relatively): it is
+shipped verbatim beside every export and loads through `AutoProcessor` with `trust_remote_code=True` under
+transformers 5 and 4.46+ (see docs/export.md). It offers what vLLM's Phi-3-V loader calls on the reference
+processor: `processor(text, images, num_crops=...)`, `calc_num_image_tokens_from_image_size(width, height)`,
+`img_tokens` and `num_img_tokens`.
 """
 
 from __future__ import annotations
@@ -28,8 +34,7 @@ from transformers.processing_utils import ProcessorMixin
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils import PaddingStrategy, TensorType
 
-from phi3v_recipes.model.image_processing_phi3v import Phi3VImageProcessor, Phi3VImageProcessorKwargs
-from phi3v_recipes.model.remote_code import PROCESSOR_AUTO_MAP, resolve_auto_map
+from .image_processing_phi3v import Phi3VImageProcessor, Phi3VImageProcessorKwargs
 
 __all__ = [
     "ASSISTANT_TOKEN",
@@ -42,6 +47,7 @@ __all__ = [
     "PAD_TOKEN",
     "SYSTEM_TOKEN",
     "USER_TOKEN",
+    "ImageTags",
     "Phi3VProcessor",
     "image_tag",
 ]
@@ -79,6 +85,24 @@ def image_tag(number: int) -> str:
     return f"<|image_{number}|>"
 
 
+class ImageTags(Sequence):
+    """`<|image_1|>`, `<|image_2|>`, … as a sequence computed on demand: the reference processor's `img_tokens`
+    list (vLLM slices it to the number of images of a prompt) without a million strings in memory."""
+
+    def __init__(self, length: int = 1_000_000) -> None:
+        self._length = length
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [image_tag(i + 1) for i in range(*index.indices(self._length))]
+        if not -self._length <= index < self._length:
+            raise IndexError(f"image tag index {index} out of range")
+        return image_tag(index % self._length + 1)
+
+
 _TRUNCATE = {True, "longest_first", "only_first"}
 _NO_TRUNCATE = {None, False, "do_not_truncate"}
 
@@ -101,6 +125,12 @@ class Phi3VProcessor(ProcessorMixin):
     """
 
     attributes = ["image_processor", "tokenizer"]
+    # transformers 4 checks each attribute against these (base classes of any image processor / tokenizer);
+    # transformers 5 reads the attributes from `__init__` and loads them in `_get_arguments_from_pretrained`.
+    image_processor_class = "AutoImageProcessor"
+    tokenizer_class = "AutoTokenizer"
+    img_tokens = ImageTags()
+    """The image tags, `img_tokens[i] == "<|image_{i+1}|>"` (the reference processor's attribute)."""
 
     def __init__(
         self,
@@ -144,49 +174,23 @@ class Phi3VProcessor(ProcessorMixin):
         tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **shared)
         return [image_processor, tokenizer]
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
-        processor = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        # Where the reference code of an `auto_map` can come from when this processor is saved elsewhere.
-        processor.reference_source = str(pretrained_model_name_or_path)
-        saved = Path(pretrained_model_name_or_path) / "preprocessor_config.json"
-        if saved.is_file():
-            processor.reference_auto_map = json.loads(saved.read_text(encoding="utf-8")).get("auto_map")
-        return processor
-
-    def save_pretrained(
-        self,
-        save_directory: str | os.PathLike,
-        push_to_hub: bool = False,
-        reference_code: str | os.PathLike | None = None,
-        reference_repo: str | None = None,
-        **kwargs: Any,
-    ) -> list[str]:
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> list[str]:
         """Save the processor in the official layout: `preprocessor_config.json` with the official fields
-        (`processor_class`, `image_processor_type`, `auto_map`, `num_crops`, `num_img_tokens`, `image_mean`,
-        `image_std`, `do_convert_rgb`), the tokenizer files with the chat template inside `tokenizer_config.json`
-        (and as `chat_template.jinja`), under a `tokenizer_class` that transformers 4 knows. No `processor_config.json`: the official repositories have none, and the
-        reference processor of transformers 4 cannot take transformers 5's nested one.
-
-        The `auto_map` entries resolve as the model's do (see `remote_code`): reference `*.py` files copied from
-        `reference_code` (default: the directory this processor was loaded from), or pointing at the hub
-        repository `reference_repo` (default: the hub id it was loaded from); unresolvable entries are left out.
-        """
+        (`processor_class`, `image_processor_type`, `num_crops`, `num_img_tokens`, `image_mean`, `image_std`,
+        `do_convert_rgb`), the tokenizer files with the chat template inside `tokenizer_config.json` (and as
+        `chat_template.jinja`), under a `tokenizer_class` that transformers 4 knows. No `processor_config.json`:
+        the official repositories have none, and the reference processor of transformers 4 cannot take
+        transformers 5's nested one. The `auto_map` of `preprocessor_config.json` is written by whoever ships
+        code beside the files (phi3v-recipes' export)."""
         save_directory = Path(save_directory)
         save_directory.mkdir(parents=True, exist_ok=True)
         files = super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
         (save_directory / "processor_config.json").unlink(missing_ok=True)
-        source = reference_code if reference_code is not None else getattr(self, "reference_source", None)
         preprocessor = {
             **self.image_processor.to_dict(),
             "processor_class": type(self).__name__,
             "image_processor_type": type(self.image_processor).__name__,
         }
-        auto_map = resolve_auto_map(
-            getattr(self, "reference_auto_map", None) or PROCESSOR_AUTO_MAP, save_directory, source, reference_repo
-        )
-        if auto_map:
-            preprocessor["auto_map"] = auto_map
         (save_directory / "preprocessor_config.json").write_text(
             json.dumps(dict(sorted(preprocessor.items())), indent=2) + "\n", encoding="utf-8"
         )
@@ -213,8 +217,13 @@ class Phi3VProcessor(ProcessorMixin):
 
     @property
     def num_crops(self) -> int:
-        """Default maximum number of crops per image."""
+        """Default maximum number of crops per image (the image processor's; setting it sets the image
+        processor's, as transformers 4's `from_pretrained(..., num_crops=N)` does)."""
         return self.image_processor.num_crops
+
+    @num_crops.setter
+    def num_crops(self, value: int) -> None:
+        self.image_processor.num_crops = value
 
     @property
     def model_input_names(self) -> list[str]:

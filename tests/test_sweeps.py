@@ -1,0 +1,141 @@
+"""Sweeps and Optuna studies survive failed jobs: each job records how it ended (status.json), the summary ranks
+every job with its status and reason, the command says how to re-run, and re-running keeps what finished. All
+through `python -m phi3v_recipes -m ...` on the tiny demo, on CPU."""
+
+import json
+import shlex
+import sqlite3
+import subprocess
+import sys
+
+import yaml
+
+from tests.conftest import offline_env, read_metrics, run_cli
+
+# Two optimizer steps of 4 samples and a 4-sample held-out set: seconds per job.
+TINY = ("task.train_size=16", "task.eval_size=4", "train.global_batch_size=4", "train.batch_size=4",
+        "train.max_steps=2", "train.logging_steps=1", "eval.before=false", "optim.warmup_steps=0")
+
+
+def status(job_dir) -> dict:
+    return json.loads((job_dir / "status.json").read_text())
+
+
+def test_a_sweep_goes_on_after_a_diverging_and_a_bad_value_job_and_its_rerun_keeps_the_finished_job(tmp_path):
+    """optim.lr=1e-3,1e30,abc: job 1 diverges and job 2 has a bad value, yet every job runs; each records its
+    status and one-sentence reason; summary.json/txt list all three with status and reason, best score first; the
+    command exits 1 naming the summary and the re-run command. That command (hydra.sweep.dir pinned) leaves the
+    finished job untouched and runs the failed ones again."""
+    sweep = tmp_path / "sweep"
+    out = run_cli(["-m", *TINY, "optim.lr=1e-3,1e30,abc", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    assert status(sweep / "0") == {"status": "done", "reason": "trained 2 steps; selection score "
+                                   f"{read_metrics(sweep / '0')['eval_after']:.4f}", "exit_code": 0}
+    diverged, bad = status(sweep / "1"), status(sweep / "2")
+    assert diverged["status"] == "failed" and diverged["exit_code"] == 1
+    assert diverged["reason"].startswith("training diverged at step")
+    assert bad == {"status": "failed", "reason": "optim.lr='abc' is not a number; give a number > 0.", "exit_code": 2}
+
+    rows = json.loads((sweep / "summary.json").read_text())
+    assert [(r["job"], r["status"]) for r in rows] == [(0, "done"), (1, "failed"), (2, "failed")]
+    assert rows[0]["selection_score"] == read_metrics(sweep / "0")["eval_after"] is not None
+    assert [r["reason"] for r in rows[1:]] == [diverged["reason"], bad["reason"]]
+    text = (sweep / "summary.txt").read_text()
+    assert "status" in text and "reason" in text and "optim.lr=abc" in text and diverged["reason"] in text
+    (line,) = [x for x in out.stderr.splitlines() if x.startswith("error: 2 of 3 jobs did not finish")]
+    assert str(sweep / "summary.txt") in line
+    rerun = shlex.split(out.stderr.split(line, 1)[1].strip().splitlines()[0])
+    assert rerun[:4] == ["python", "-m", "phi3v_recipes", "-m"] and rerun[-1] == f"hydra.sweep.dir={sweep}"
+
+    finished = {p: p.stat().st_mtime_ns for p in (sweep / "0").iterdir() if p.suffix in (".json", ".safetensors")
+                and p.name != "status.json"}
+    again = run_cli(rerun[3:], cwd=tmp_path)
+    assert again.returncode == 1, again.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished
+    assert status(sweep / "0")["status"] == "done" and "trained nothing" in status(sweep / "0")["reason"]
+    assert status(sweep / "1")["reason"].startswith("training diverged at step")  # tried again, failed again
+    assert "training diverged" in (sweep / "1" / "train.log").read_text().split("command: ")[-1]
+    assert status(sweep / "2") == bad
+
+
+def test_a_single_run_records_its_status(tmp_path):
+    """A plain run writes status.json too: a bad value is a failed run with its sentence and exit code 2."""
+    run_dir = tmp_path / "run"
+    out = run_cli([*TINY, "optim.lr=abc", f"run.output_dir={run_dir}"], cwd=tmp_path)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert status(run_dir) == {"status": "failed", "reason": "optim.lr='abc' is not a number; give a number > 0.",
+                               "exit_code": 2}
+
+
+def trials(sweep) -> dict[int, tuple[str, str]]:
+    """{trial number: (state, optim.lr)} read from the study's SQLite file."""
+    with sqlite3.connect(sweep / "optuna_study.db") as db:
+        rows = db.execute("SELECT t.number, t.state, p.param_value, p.distribution_json FROM trials t "
+                          "JOIN trial_params p ON p.trial_id = t.trial_id WHERE p.param_name = 'optim.lr'").fetchall()
+    return {n: (state, json.loads(dist)["attributes"]["choices"][int(value)]) for n, state, value, dist in rows}
+
+
+def test_an_optuna_study_records_a_failing_trial_goes_on_and_continues_in_its_sweep_dir(tmp_path):
+    """hydra/sweeper=optuna, 3 trials over choice(1e-3, 1e30) (seeded): the 1e30 trial diverges and is recorded as
+    FAIL in the study, the others complete; optimization_results.yaml's best_value is the best job's selection
+    score and best_params its lr. The same command with n_trials=4 and the same hydra.sweep.dir continues the
+    stored study: it runs exactly one more trial, in job directory 3."""
+    sweep = tmp_path / "study"
+    study = ["-m", "hydra/sweeper=optuna", *TINY, "optim.lr=choice(1e-3,1e30)", f"hydra.sweep.dir={sweep}"]
+    out = run_cli([*study, "hydra.sweeper.n_trials=3"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    first = trials(sweep)
+    assert sorted(first) == [0, 1, 2]
+    assert all(state == ("FAIL" if lr == 1e30 else "COMPLETE") for state, lr in first.values())
+    assert {state for state, _ in first.values()} == {"FAIL", "COMPLETE"}
+    for n, (state, _) in first.items():
+        assert status(sweep / str(n))["status"] == ("failed" if state == "FAIL" else "done")
+    assert "warning: 1 of 3 trials failed" in out.stderr or "warning: 2 of 3 trials failed" in out.stderr
+
+    results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    scores = {n: read_metrics(sweep / str(n))["eval_after"] for n, (state, _) in first.items() if state == "COMPLETE"}
+    assert results["best_value"] == max(scores.values())
+    assert results["best_value"] == read_metrics(sweep / str(results["best_trial"]))["eval_after"]
+    assert results["best_params"] == {"optim.lr": first[results["best_trial"]][1]} == {"optim.lr": 1e-3}
+    rows = json.loads((sweep / "summary.json").read_text())
+    assert sorted(r["job"] for r in rows) == [0, 1, 2] and rows[0]["selection_score"] == results["best_value"]
+
+    again = run_cli([*study, "hydra.sweeper.n_trials=4"], cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    second = trials(sweep)
+    assert sorted(second) == [0, 1, 2, 3] and {n: second[n] for n in first} == first
+    assert (sweep / "3" / "status.json").is_file() and not (sweep / "4").exists()
+
+
+def test_the_optuna_sweeper_without_optuna_is_one_sentence(tmp_path):
+    """hydra/sweeper=optuna where Optuna is not installed stops at start-up with one sentence naming the extra."""
+    code = ("import runpy, sys; sys.modules['optuna'] = None; "
+            "sys.argv = ['phi3v_recipes', '-m', 'hydra/sweeper=optuna', 'optim.lr=interval(1e-4, 1e-2)', "
+            f"'hydra.sweep.dir={tmp_path / 'study'}']; runpy.run_module('phi3v_recipes', run_name='__main__')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=offline_env(), capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines()[-1] == ("error: hydra/sweeper=optuna needs Optuna, which is not installed "
+                                                   "here: pip install 'phi3v-recipes[optuna]'.")
+
+
+def test_the_optuna_search_space_keeps_the_hydra_optuna_sweeper_syntax():
+    """interval -> float, tag(log, ...) -> log scale, tag(int, ...) -> integers, range -> Hydra's values (end
+    excluded), choice and a,b -> categorical; plain overrides stay fixed; the command line wins over params."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    from hydra_plugins.phi3v_optuna_sweeper.optuna_sweeper import encode, search_space
+
+    space, fixed = search_space(
+        {"optim.lr": "interval(0.1, 0.2)", "train.seed": "3"},
+        ["optim.lr=tag(log, interval(1e-4, 1e-2))", "train.epochs=range(1, 4)", "strategy.lora.rank=choice(8, 16)",
+         "strategy=lora,full", "+extra=tag(log, int, interval(1, 64))", "task=demo"])
+    assert space == {"optim.lr": FloatDistribution(1e-4, 1e-2, log=True),
+                     "train.epochs": IntDistribution(1, 3),
+                     "strategy.lora.rank": CategoricalDistribution([8, 16]),
+                     "strategy": CategoricalDistribution(["lora", "full"]),
+                     "+extra": IntDistribution(1, 64, log=True)}
+    assert fixed == ["train.seed=3", "task=demo"]
+    assert [encode(v) for v in (1e-05, 3, True, None, "lora", "a b")] == ["1e-05", "3", "true", "null", "lora",
+                                                                           "'a b'"]

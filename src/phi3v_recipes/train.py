@@ -106,6 +106,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     train_samples, train_problems = load_split(cfg.task, "train")
     wants_eval = cfg.eval.before or cfg.eval.after or cfg.eval.every_steps is not None
     eval_samples, eval_problems = load_split(cfg.task, "eval") if wants_eval else ([], [])
+    check_held_out(cfg, eval_samples)
 
     path = model_path(cfg, run_dir)
     if cfg.model.name_or_path == TINY:
@@ -129,10 +130,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         record_skipped(run_dir, skipped + eval_skipped)
     if not train_samples:
         raise SampleError(f"task={cfg.task.name} has no usable training samples.")
-    if cfg.eval.every_steps is not None and not eval_samples:
-        raise ConfigError(f"eval.every_steps={cfg.eval.every_steps} evaluates the held-out set, but task="
-                          f"{cfg.task.name} has no usable held-out samples; give the task a held-out set or set "
-                          "eval.every_steps=null.")
+    check_held_out(cfg, eval_samples)
 
     model = apply_strategy(load_model(cfg, path), cfg)
     metric = cfg.task.metric
@@ -224,6 +222,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         write_report(run_dir, on_error="warn")  # report.html: plots, predictions gallery, config
     trackers.finish(metrics, step)  # after metrics.json: a tracker run marked finished is a finished run
     return metrics
+
+
+def check_held_out(cfg: DictConfig, eval_samples: list[Sample]) -> None:
+    """ConfigError when eval.every_steps asks for evaluations during training and there is nothing to evaluate."""
+    if cfg.eval.every_steps is not None and not eval_samples:
+        raise ConfigError(f"eval.every_steps={cfg.eval.every_steps} evaluates the held-out set, but task="
+                          f"{cfg.task.name} has no usable held-out samples; give the task a held-out set or set "
+                          "eval.every_steps=null.")
 
 
 def selection_record(trainer: RecipeTrainer, eval_after: float | None, model_step: int) -> dict[str, Any]:

@@ -253,5 +253,5 @@ class OptunaSweeper(Sweeper):
                    "trials": {state.name.lower(): len(study.get_trials(deepcopy=False, states=(state,)))
                               for state in (TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING)}}
         OmegaConf.save(OmegaConf.create(results), sweep_dir / RESULTS_FILE)
-        log.info("best trial %d: %s = %s with %s (%s)", best.number, "value", best.value, best.params,
+        log.info("best trial %d: selection score %s with %s (%s)", best.number, best.value, best.params,
                  sweep_dir / RESULTS_FILE)

@@ -1,88 +1,168 @@
 #!/usr/bin/env bash
-# scripts/gpu_check.sh [results.json]: every GPU check of phi3v-recipes on one CUDA machine, one results file.
+# scripts/gpu_check.sh [PHASE ...]: every GPU figure of phi3v-recipes, on a CUDA machine that reaches no network
+# (the lent H200: docs/performance.md, "On a lent GPU machine"). PHASE: tests | bench-full | bench-lora |
+# bench-qlora | all (default: all, in that order). One phase per call fits a 10-minute device call.
 #
-#   1. installs the GPU extras into the active Python (.venv/bin/python if present): DeepSpeed, bitsandbytes, Liger,
-#      flash-attn (built against the installed torch; skipped with a note when it cannot be built or fetched);
-#   2. runs the GPU-only tests (tests/test_gpu.py, marker `gpu`): flash-attention 2 vs sdpa logits in bf16, packed
-#      rows through flash-attention's varlen path vs unpacked samples, a bf16 training run per strategy (full and
-#      frozen_vision with DeepSpeed ZeRO-2, lora, qlora with 4-bit kernels);
-#   3. benchmarks ours against the cookbook loop at real size (Phi-3.5-vision geometry, random weights, no download)
-#      on the DocVQA-shaped workload, one GPU: strategy=full (fp32 master weights under bf16 autocast, never plain
-#      AdamW on bf16 weights), lora and qlora, packed rows of up to $ROW_TOKENS tokens;
-#   4. writes everything (environment, test outcomes, every bench figure) to one JSON file, default
-#      gpu_results/gpu_check.json, next to the raw logs.
+#   0. no CUDA GPU: stops at once with one sentence (exit 2), before installing anything;
+#   1. installs .whl/ (made by scripts/gpu_prepare.sh on a machine with the package index) with
+#      `pip install --no-index --no-deps --target $GPU_SITE` and puts that folder on PYTHONPATH: never a network;
+#   2. `tests`: the GPU tests (tests/test_gpu.py, marker gpu): packed rows against unpacked samples through
+#      flash-attention's varlen path and through FlexAttention (loss and gradients), flash-attention against sdpa,
+#      one short bf16 training run per strategy through `python -m phi3v_recipes`;
+#   3. `bench-<strategy>`: the real-size benchmark (Phi-3.5-vision geometry, random weights) on the DocVQA
+#      workload, ours against the cookbook loop, packed rows of up to $ROW_TOKENS tokens.
 #
-# Environment knobs: PYTHON (interpreter), ROW_TOKENS (packed-row budget, default 16384), SAMPLES_PER_STEP (16),
-# STEPS (4), HARDWARE (h100: bf16 + flash attention; a100 works the same), SKIP_INSTALL=1 (use what is installed).
+# Every figure is appended to the JSON-lines file $RESULTS as soon as it is measured (the environment, each
+# test's outcome, each bench step, each bench's results), so a phase stopped at its limit keeps what it measured.
+# What cannot run is recorded with its reason ({"kind": "skipped"}), not failed: without flash-attn, its tests
+# skip and packed rows go through FlexAttention. Each phase prints its expected device time first and is stopped
+# after $PHASE_LIMIT_S seconds.
+#
+# Environment knobs: PYTHON (default python3, the image's), RESULTS (default gpu_results/results.jsonl, logs
+# beside it), GPU_SITE (default /tmp/phi3v-gpu-site), SKIP_INSTALL=1 (packages already importable),
+# PHASE_LIMIT_S (510), ROW_TOKENS (16384), SAMPLES_PER_STEP (16), STEPS (4), HARDWARE (h100; for the H200 too).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${1:-gpu_results/gpu_check.json}
-DIR=$(dirname "$OUT")
-mkdir -p "$DIR"
-PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
+PY=${PYTHON:-python3}
+RESULTS=${RESULTS:-gpu_results/results.jsonl}
+DIR=$(dirname "$RESULTS")
+SITE=${GPU_SITE:-/tmp/phi3v-gpu-site}
+LIMIT=${PHASE_LIMIT_S:-510}
 ROW_TOKENS=${ROW_TOKENS:-16384}
 SAMPLES_PER_STEP=${SAMPLES_PER_STEP:-16}
 STEPS=${STEPS:-4}
 HARDWARE=${HARDWARE:-h100}
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+# Expected device time of each phase on one H200 (seconds): an estimate until a lent machine measures it (each
+# phase's figures carry their own seconds); every one is stopped at $PHASE_LIMIT_S.
+declare -A EXPECTED=([tests]=300 [bench-full]=360 [bench-lora]=300 [bench-qlora]=390)
+ALL=(tests bench-full bench-lora bench-qlora)
 
-"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || {
-  echo "error: no CUDA GPU is visible to $PY; run this script on a GPU machine." >&2; exit 2; }
-
-# 1. GPU extras
-if [ "${SKIP_INSTALL:-0}" != 1 ]; then
-  "$PY" -m pip install -e ".[deepspeed,qlora,liger]" >"$DIR/install.log" 2>&1 \
-    || echo "warning: installing deepspeed/bitsandbytes/liger-kernel failed (see $DIR/install.log)"
-  "$PY" -m pip install "flash-attn>=2.6" --no-build-isolation >>"$DIR/install.log" 2>&1 \
-    || echo "warning: flash-attn could not be installed (see $DIR/install.log): flash tests skip, bench uses sdpa"
-fi
-if "$PY" -c "import flash_attn" 2>/dev/null; then ATTN=flash_attention_2; else ATTN=sdpa; fi
-echo "attention for the GPU runs: $ATTN"
-
-# 2. GPU-only tests
-"$PY" -m pytest -q -m gpu tests/test_gpu.py -rs --junitxml="$DIR/gpu_tests.xml" 2>&1 | tee "$DIR/gpu_tests.log"
-
-# 3. real-size benchmarks, one per strategy
-for STRATEGY in full lora qlora; do
-  "$PY" -m phi3v_recipes.bench workload=docvqa model=phi3_5_vision hardware="$HARDWARE" \
-    model.attn_implementation="$ATTN" strategy="$STRATEGY" baseline=cookbook \
-    data.max_tokens_per_row="$ROW_TOKENS" bench.samples_per_step="$SAMPLES_PER_STEP" bench.steps="$STEPS" \
-    output="$DIR/bench_$STRATEGY.json" 2>&1 | tee "$DIR/bench_$STRATEGY.log"
+PHASES=("$@")
+[ ${#PHASES[@]} -eq 0 ] && PHASES=(all)
+[ "${PHASES[*]}" = all ] && PHASES=("${ALL[@]}")
+for phase in "${PHASES[@]}"; do
+  if [ -z "${EXPECTED[$phase]:-}" ]; then
+    echo "error: unknown phase '$phase'; choose from: ${ALL[*]} all." >&2
+    exit 2
+  fi
 done
 
-# 4. one results file
-"$PY" - "$OUT" "$DIR" "$ATTN" <<'PYEOF'
-import json, platform, sys, xml.etree.ElementTree as ET
-from pathlib import Path
-import torch
-out, folder, attn = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
-result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
-          "python": platform.python_version(), "attn_implementation": attn, "tests": {}, "bench": {}}
-for pkg in ("transformers", "deepspeed", "bitsandbytes", "flash_attn", "peft"):
-    try:
-        result[pkg] = __import__(pkg).__version__
-    except Exception as err:  # noqa: BLE001 - record what is missing
-        result[pkg] = f"not available ({type(err).__name__})"
-junit = folder / "gpu_tests.xml"
-if junit.is_file():
-    for case in ET.parse(junit).iter("testcase"):
-        outcome = "passed"
-        for child in case:
-            if child.tag in ("failure", "error", "skipped"):
-                outcome = child.tag + (f": {child.get('message')}" if child.get("message") else "")
-        result["tests"][case.get("name")] = outcome
-for strategy in ("full", "lora", "qlora"):
-    path = folder / f"bench_{strategy}.json"
-    result["bench"][strategy] = json.loads(path.read_text()) if path.is_file() else "failed: see the log"
-out.write_text(json.dumps(result, indent=2) + "\n")
-print(f"results: {out}")
-for strategy, bench in result["bench"].items():
-    if isinstance(bench, dict):
-        ours = bench["ours"]
-        print(f"{strategy:<6} ours {ours['samples_per_s']['median']:.2f} samples/s, MFU {ours['mfu'] or 0:.1%}, "
-              f"peak {ours['peak_memory_mb'] / 1024:.1f} GiB; speedup {bench['speedup']:.2f}x over the cookbook loop")
-    else:
-        print(f"{strategy:<6} {bench}")
-failed = [name for name, outcome in result["tests"].items() if outcome.startswith(("failure", "error"))]
-sys.exit(1 if failed or any(not isinstance(b, dict) for b in result["bench"].values()) else 0)
+# 0. a CUDA GPU, before anything else
+"$PY" - <<'PYEOF' || exit 2
+import sys
+try:
+    import torch
+except Exception as err:  # noqa: BLE001
+    sys.exit(f"error: {sys.executable} cannot import torch ({type(err).__name__}); run this with the GPU machine's "
+             "python3 (or set PYTHON=).")
+if not torch.cuda.is_available():
+    sys.exit(f"error: no CUDA GPU is visible to {sys.executable} (torch {torch.__version__}); run "
+             "scripts/gpu_check.sh on a CUDA machine, e.g. the lent H200.")
 PYEOF
+
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
+  PYTHONUNBUFFERED=1 PIP_NO_INDEX=1
+mkdir -p "$DIR"
+
+# 1. the wheels of .whl/, from nothing but that folder
+if [ "${SKIP_INSTALL:-0}" != 1 ]; then
+  if ! ls .whl/*.whl >/dev/null 2>&1; then
+    echo "error: .whl/ holds no wheels; run scripts/gpu_prepare.sh on a machine with the package index and carry .whl here." >&2
+    exit 2
+  fi
+  if [ -f .whl/SOURCES.sha256 ] && [ "$(cat .whl/SOURCES.sha256)" != "$(scripts/gpu_prepare.sh --sources-hash)" ]; then
+    echo "error: .whl/'s phi3v_recipes wheel was built from other sources than this working tree; run scripts/gpu_prepare.sh again." >&2
+    exit 2
+  fi
+  stamp=$(ls -l .whl/*.whl | sha256sum)
+  if [ "$(cat "$SITE/.phi3v-wheels" 2>/dev/null)" != "$stamp" ]; then
+    echo "installing $(ls .whl/*.whl | wc -l) wheels from .whl/ into $SITE (no index, no dependencies) ..."
+    rm -rf "$SITE"
+    if ! "$PY" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl \
+        >"$DIR/install.log" 2>&1; then
+      echo "error: installing .whl/ failed; see $DIR/install.log." >&2
+      exit 1
+    fi
+    echo "$stamp" >"$SITE/.phi3v-wheels"
+  fi
+  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+record() {  # record PHASE KIND [key=value ...]: one JSON line in $RESULTS (values as given, strings quoted)
+  "$PY" - "$RESULTS" "$@" <<'PYEOF'
+import json, sys, time
+path, phase, kind, *pairs = sys.argv[1:]
+record = {"kind": kind, "phase": phase, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+for pair in pairs:
+    key, _, value = pair.partition("=")
+    try:
+        record[key] = json.loads(value)
+    except ValueError:
+        record[key] = value
+open(path, "a").write(json.dumps(record) + "\n")
+PYEOF
+}
+
+environment() {  # the machine and the versions, once per call; flash-attn's absence as a skip with its reason
+  "$PY" - "$RESULTS" "$1" <<'PYEOF'
+import importlib, json, platform, sys, time
+import torch
+path, phase = sys.argv[1:]
+now = time.strftime("%Y-%m-%dT%H:%M:%S")
+packages = {}
+for name in ("transformers", "peft", "accelerate", "deepspeed", "bitsandbytes", "liger_kernel", "hydra", "datasets",
+             "phi3v_recipes", "flash_attn", "triton"):
+    try:
+        module = importlib.import_module(name)
+        packages[name] = getattr(module, "__version__", "installed")
+    except Exception as err:  # noqa: BLE001 - what is missing is recorded, not fatal
+        packages[name] = f"not available ({type(err).__name__}: {str(err)[:200]})"
+flash = not packages["flash_attn"].startswith("not available")
+lines = [{"kind": "environment", "phase": phase, "time": now, "device": torch.cuda.get_device_name(0),
+          "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+          "attn_implementation": "flash_attention_2" if flash else "flex_attention", "packages": packages}]
+if not flash:
+    lines.append({"kind": "skipped", "phase": phase, "time": now, "what": "flash-attention 2 (its tests; the bench)",
+                  "reason": "flash-attn is not installed (no wheel for this torch; building it takes longer than a "
+                            "device session): packed rows run through FlexAttention instead"})
+with open(path, "a") as handle:
+    handle.writelines(json.dumps(line) + "\n" for line in lines)
+print(f"{lines[0]['device']}, torch {lines[0]['torch']}, attention {lines[0]['attn_implementation']}")
+PYEOF
+}
+
+run_phase() {
+  local phase=$1 start rc
+  start=$(date +%s)
+  echo "== phase $phase: expected device time ~$(( EXPECTED[$phase] / 60 )) min $(( EXPECTED[$phase] % 60 )) s (stopped after ${LIMIT} s) =="
+  environment "$phase" || return 1
+  case $phase in
+    tests)
+      # parallel workers where pytest-xdist is installed (the image has it): the training runs overlap
+      local parallel=()
+      "$PY" -c "import xdist" 2>/dev/null && parallel=(-n 4)
+      GPU_RESULTS=$(realpath "$RESULTS") GPU_PHASE=$phase timeout "$LIMIT" "$PY" -m pytest -q -m gpu -rs \
+        -p tests.gpu_report "${parallel[@]}" tests/test_gpu.py 2>&1 | tee "$DIR/tests.log"
+      rc=${PIPESTATUS[0]} ;;
+    bench-*)
+      local strategy=${phase#bench-}
+      timeout "$LIMIT" "$PY" -m phi3v_recipes.bench workload=docvqa model=phi3_5_vision hardware="$HARDWARE" \
+        strategy="$strategy" baseline=cookbook data.max_tokens_per_row="$ROW_TOKENS" \
+        bench.samples_per_step="$SAMPLES_PER_STEP" bench.steps="$STEPS" bench.warmup_steps=1 \
+        output="$DIR/bench_$strategy.json" progress="$RESULTS" 2>&1 | tee "$DIR/$phase.log"
+      rc=${PIPESTATUS[0]} ;;
+  esac
+  local status=done
+  [ "$rc" -ne 0 ] && status=failed
+  [ "$rc" -eq 124 ] && status="stopped at its ${LIMIT} s limit"
+  record "$phase" phase_end "status=$status" "exit_code=$rc" "seconds=$(( $(date +%s) - start ))" \
+    "expected_seconds=${EXPECTED[$phase]}"
+  echo "== phase $phase: $status after $(( $(date +%s) - start )) s (results: $RESULTS) =="
+  return "$rc"
+}
+
+failed=0
+for phase in "${PHASES[@]}"; do
+  run_phase "$phase" || failed=1
+done
+exit $failed

@@ -16,10 +16,20 @@
 # flash-attn is not packed: it has no wheel for the image's torch and building it takes longer than a device
 # session; packed rows then go through PyTorch's FlexAttention (docs/performance.md).
 #
+# `scripts/gpu_prepare.sh --sources-hash` prints the hash of the project's sources that .whl/SOURCES.sha256 records.
 # Environment knobs: PYTHON (a Python 3.12 with pip; default python3.12), WHL_DIR (default .whl),
 # WHL_LIMIT_MIB (default 60).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+sources_hash() {  # what the project's wheel is built from; gpu_check.sh compares it with its working tree
+  find src/phi3v_recipes conf pyproject.toml -type f \( -name '*.py' -o -name '*.yaml' -o -name '*.toml' \) -print0 \
+    | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1
+}
+if [ "${1:-}" = --sources-hash ]; then
+  sources_hash
+  exit 0
+fi
 PY=${PYTHON:-python3.12}
 WHL=${WHL_DIR:-.whl}
 LIMIT_MIB=${WHL_LIMIT_MIB:-60}
@@ -67,8 +77,10 @@ while read -r req; do
   fi
 done <"$WORK/needed.txt"
 
-# 3. the project
+# 3. the project, and the hash of its sources (gpu_check.sh refuses a wheel built from other sources)
 "$PY" -m pip wheel --quiet --no-deps -w "$WHL" .
+rm -rf build
+sources_hash >"$WHL/SOURCES.sha256"
 
 # 4. manifest and size
 echo

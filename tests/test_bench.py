@@ -14,10 +14,13 @@ from tests.conftest import ROOT, run_cli
 
 def test_bench_smoke_run_on_tiny_writes_both_paths(tmp_path):
     """`bench model=tiny baseline=cookbook` runs both paths interleaved and writes speedup, samples/s statistics,
-    tokens/s, padding fraction, peak memory and equal first losses (same samples, same initial weights)."""
-    out = tmp_path / "bench.json"
+    tokens/s, padding fraction, peak memory and equal first losses (same samples, same initial weights); with
+    `progress=` every path's first loss and every step are appended as JSON lines, then the results (what
+    scripts/gpu_check.sh keeps when a phase is cut off)."""
+    out, progress = tmp_path / "bench.json", tmp_path / "results.jsonl"
     proc = run_cli(["model=tiny", "workload=hateful_memes", "data.num_crops=4", "bench.steps=2",
-                    "bench.warmup_steps=0", "bench.samples_per_step=3", "baseline=cookbook", f"output={out}"],
+                    "bench.warmup_steps=0", "bench.samples_per_step=3", "baseline=cookbook", f"output={out}",
+                    f"progress={progress}"],
                    cwd=tmp_path, module="phi3v_recipes.bench")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "speedup" in proc.stdout and "samples/s (median)" in proc.stdout
@@ -36,6 +39,14 @@ def test_bench_smoke_run_on_tiny_writes_both_paths(tmp_path):
     assert ours["padding_fraction"] == 0.0
     assert set(result["flop_shares_percent"]) == {"clip", "lm_body", "lm_head"}
     assert not (tmp_path / "outputs").exists()
+    lines = [json.loads(line) for line in progress.read_text().splitlines()]
+    assert [(r["kind"], r.get("path"), r.get("step")) for r in lines] == [
+        ("bench_first_loss", "ours", None), ("bench_first_loss", "baseline", None),
+        ("bench_step", "ours", 0), ("bench_step", "baseline", 0),
+        ("bench_step", "baseline", 1), ("bench_step", "ours", 1), ("bench_result", None, None)]
+    assert lines[0]["first_loss"] == ours["first_loss"] and lines[-1]["speedup"] == result["speedup"]
+    measured = sorted(r["samples_per_s"] for r in lines if r["kind"] == "bench_step" and r["path"] == "ours")
+    assert measured == sorted([ours["samples_per_s"]["min"], ours["samples_per_s"]["max"]])
 
 
 def test_cookbook_baseline_runs_clip_on_padding_crops_without_changing_outputs():

@@ -29,6 +29,8 @@ BAD_CASES = [
     (10, "too-long", f"exceed data.max_length={MAX_LENGTH}"),
     (11, "oversized-image", "image {root}/huge.png is 20000x20000 = 400000000 pixels, more than "
                             "data.max_image_pixels=89478485"),
+    (12, "path-escapes", "image ../outside.png leads outside the image root {root}"),
+    (13, "symlink-escapes", "image link.png leads outside the image root {root}"),
 ]
 
 
@@ -46,7 +48,8 @@ def good(i: int, color: str = "red") -> dict:
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory) -> Path:
-    """data/images/*.png (+ a broken one) and data/jsonl/{bad,clean,eval}.jsonl, image paths relative to images/."""
+    """data/images/*.png (+ a broken one, and a symlink leading out) and data/jsonl/{bad,clean,eval}.jsonl, image
+    paths relative to images/ (one good sample's path is absolute, outside images/: allowed)."""
     root = tmp_path_factory.mktemp("data")
     images, lists = root / "images", root / "jsonl"
     images.mkdir()
@@ -55,6 +58,8 @@ def tree(tmp_path_factory) -> Path:
         draw(color, size).save(images / f"{color}.png")
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n but not really")
     write_huge_png(images / "huge.png", 20000)  # over the default data.max_image_pixels and PIL's own limit
+    draw("red", (32, 32)).save(root / "outside.png")  # a good image, but outside the image root
+    (images / "link.png").symlink_to(root / "outside.png")
     turn = {"images": ["red.png"], "user": "What color?", "assistant": "red"}
     bad = [
         good(1),
@@ -69,7 +74,10 @@ def tree(tmp_path_factory) -> Path:
          "conversations": [{**turn, "images": ["red.png", "blue.png"], "user": "<|image_2|><|image_1|>\nSame?"}]},
         {"id": "too-long", "conversations": [{**turn, "user": LONG_TEXT}]},
         {"id": "oversized-image", "conversations": [{**turn, "images": ["huge.png"]}]},
+        {"id": "path-escapes", "conversations": [{**turn, "images": ["../outside.png"]}]},
+        {"id": "symlink-escapes", "conversations": [{**turn, "images": ["link.png"]}]},
         *[good(i, color) for i, color in zip(range(2, 9), ["blue", "red"] * 4, strict=False)],
+        {"id": "absolute-path", "conversations": [{**turn, "images": [str(root / "outside.png")]}]},  # allowed
     ]
     for name, rows in (("bad", bad), ("clean", [good(i) for i in range(4)]), ("eval", [good(i) for i in range(2)])):
         text = "".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows)
@@ -121,7 +129,7 @@ def test_check_command_lists_every_problem_with_file_line_and_id(tree, runs):
     assert len(problems) == len(BAD_CASES)
     for (prefix, words), line in zip(expected_messages(tree), problems, strict=True):  # in file order
         assert line.startswith(prefix) and words in line, (prefix, words, line)
-    assert lines[-1] == f"{8 + len(BAD_CASES)} samples, {len(BAD_CASES)} problems"
+    assert lines[-1] == f"{9 + len(BAD_CASES)} samples, {len(BAD_CASES)} problems"
     assert "Traceback" not in out.stderr
 
 
@@ -186,7 +194,7 @@ def test_training_with_on_error_skip_drops_and_reports_them(tree, runs):
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = read_metrics(run_dir)
     assert metrics["skipped_samples"] == len(BAD_CASES)
-    assert metrics["train_samples"] == 8 and metrics["eval_samples"] == 2
+    assert metrics["train_samples"] == 9 and metrics["eval_samples"] == 2
     skipped = (run_dir / "skipped.txt").read_text().splitlines()
     assert len(skipped) == len(BAD_CASES)
     for prefix, words in expected_messages(tree):

@@ -1,6 +1,7 @@
 """GPU-only checks (marked `gpu`, skipped without CUDA; scripts/gpu_check.sh runs them on a CUDA machine):
-flash-attention 2 against sdpa in bf16, packed rows through flash-attention's variable-length path against
-unpacked samples, and one bf16 training run per strategy (QLoRA's 4-bit kernels included) through the recipe."""
+flash-attention 2 against sdpa in bf16, packed rows through flash-attention's variable-length path and through
+FlexAttention (backward included: FlexAttention has none on CPU) against unpacked samples, and one bf16 training
+run per strategy (QLoRA's 4-bit kernels included) through the recipe with the profile's attention."""
 
 import importlib.util
 import math
@@ -59,15 +60,18 @@ def test_flash_attention_2_logits_match_sdpa_in_bf16():
         torch.testing.assert_close(got, expected, **BF16)
 
 
-@needs_flash
-def test_packed_row_through_varlen_flash_attention_matches_unpacked():
-    """Samples packed into one row (position_ids restarting, cu_seq_lens from PackingCollator) give the loss and
-    gradients of the same samples run one by one, with flash-attention 2 in bf16."""
-    model = _model("flash_attention_2").train()
+@pytest.mark.parametrize("attn", [pytest.param("flash_attention_2", marks=needs_flash), "flex_attention"])
+def test_packed_row_matches_unpacked_samples_with_gradients(attn):
+    """Samples packed into one row (position_ids restarting; cu_seq_lens from PackingCollator for flash-attention)
+    give the loss and gradients of the same samples run one by one, in bf16, through flash-attention 2's varlen
+    path and through FlexAttention's document block mask (compiled, forward and backward)."""
+    model = _model(attn).train()
+    if attn == "flex_attention":
+        assert model.config.vision_config._attn_implementation == "sdpa"
     features = _samples(4)
     items = sum(int((f["labels"][1:] != -100).sum()) for f in features)
-    packed = _cuda(PackingCollator(flash_kwargs=True)(features))
-    assert "cu_seq_lens_q" in packed
+    packed = _cuda(PackingCollator(flash_kwargs=attn == "flash_attention_2")(features))
+    assert ("cu_seq_lens_q" in packed) == (attn == "flash_attention_2")
     loss = model(**packed, num_items_in_batch=items).loss
     loss.backward()
     packed_grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -87,15 +91,17 @@ def test_packed_row_through_varlen_flash_attention_matches_unpacked():
 @pytest.mark.parametrize("strategy", ["full", "frozen_vision", "lora", "qlora"])
 def test_bf16_training_run_per_strategy(strategy, tmp_path):
     """One short bf16 training run per strategy on the GPU through the recipe's entrypoint (DeepSpeed ZeRO-2 for
-    full and frozen_vision, 4-bit NF4 kernels for qlora; packed rows, supervised-only logits): it finishes with a
-    finite loss and saves the model."""
-    attn = "flash_attention_2" if HAS_FLASH else "sdpa"
+    full and frozen_vision, 4-bit NF4 kernels for qlora; packed rows, supervised-only logits; the h100 profile's
+    attention: flash-attention 2 with flash-attn installed, else FlexAttention): it finishes with a finite loss
+    and saves the model, and its recorded config names the attention that ran."""
     run_dir = tmp_path / "run"
     proc = run_cli(["task=demo", f"strategy={strategy}", "hardware=h100", "model=tiny",
-                    f"model.attn_implementation={attn}", "task.train_size=64", "train.max_steps=3",
+                    "task.train_size=64", "train.max_steps=3",
                     "eval.before=false", "eval.after=false", "data.packing=true", "data.max_tokens_per_row=2048",
                     "train.batch_size=1", "train.global_batch_size=4", f"run.output_dir={run_dir}"],
                    cwd=tmp_path, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
     metrics = read_metrics(run_dir)
     assert math.isfinite(metrics["train_loss"]) and metrics["global_steps"] == 3
+    recorded = OmegaConf.load(run_dir / "config.yaml")
+    assert recorded.model.attn_implementation == ("flash_attention_2" if HAS_FLASH else "flex_attention")

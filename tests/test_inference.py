@@ -63,7 +63,8 @@ def test_evaluate_refuses_the_untrained_tiny_model(tmp_path):
     assert out.returncode == 2 and "error: model.name_or_path=tiny" in out.stderr
 
 
-def write_inputs(root, n: int):
+def write_inputs(root, n: int, repeat_from: int = 10**6):
+    """`n` conversations q0, q1, ... into in.jsonl; lines repeat_from + 1 and + 2 share an id."""
     colours = ["red", "blue", "green", "yellow"]
     for c in colours:  # figures like the demo's, drawn from a seed the demo never uses
         draw(c, "square", random.Random(f"predict-{c}")).save(root / f"{c}.png")
@@ -73,7 +74,8 @@ def write_inputs(root, n: int):
             turns = [{"images": [f"{c}.png"], "user": "What color is the shape? Answer with one word."}]
             if i == n - 1:  # a multi-turn conversation: earlier replies given, the last one generated
                 turns = [{"images": [f"{c}.png"], "user": "Hi", "assistant": "Hello"}, {"user": "What color?"}]
-            f.write(json.dumps({"id": f"q{i}", "conversations": turns}) + "\n")
+            sample_id = f"q{repeat_from}" if i == repeat_from + 1 else f"q{i}"
+            f.write(json.dumps({"id": sample_id, "conversations": turns}) + "\n")
 
 
 def test_predict_answers_every_conversation_and_resumes(trained, tmp_path):
@@ -96,6 +98,26 @@ def test_predict_answers_every_conversation_and_resumes(trained, tmp_path):
     assert (tmp_path / "partial.jsonl").read_text() == (tmp_path / "full.jsonl").read_text()
     again = run_cli([*args, f"output={tmp_path / 'partial.jsonl'}"], cwd=tmp_path, module="phi3v_recipes.predict")
     assert again.returncode == 0 and "already answered" in again.stdout
+
+
+def test_predict_with_a_repeated_id_never_loses_an_answer(trained, tmp_path):
+    """Two conversations with the same id (lines 1 and 2): predict reports the repeat up front and answers both,
+    each answer carrying its input line; interrupted after the first batch (the output cut after its first answer,
+    as a kill leaves it), the same command answers exactly the missing lines and equals an uninterrupted run."""
+    write_inputs(tmp_path, 4, repeat_from=0)
+    args = ["hardware=cpu", f"model.name_or_path={trained}", f"input={tmp_path / 'in.jsonl'}", "eval.batch_size=1"]
+    full = run_cli([*args, f"output={tmp_path / 'full.jsonl'}"], cwd=tmp_path, module="phi3v_recipes.predict")
+    assert full.returncode == 0, full.stderr[-3000:]
+    assert "note: 1 id(s) of the input repeat (q0 at lines 1, 2)" in full.stdout
+    answers = [json.loads(line) for line in (tmp_path / "full.jsonl").open()]
+    assert [(a["id"], a["line"]) for a in answers] == [("q0", 1), ("q0", 2), ("q2", 3), ("q3", 4)]
+
+    first = (tmp_path / "full.jsonl").read_text().splitlines(keepends=True)[0]
+    (tmp_path / "partial.jsonl").write_text(first)
+    resumed = run_cli([*args, f"output={tmp_path / 'partial.jsonl'}"], cwd=tmp_path, module="phi3v_recipes.predict")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "answered 3 conversations (1 were already done)" in resumed.stdout
+    assert (tmp_path / "partial.jsonl").read_text() == (tmp_path / "full.jsonl").read_text()
 
 
 def test_predict_reports_bad_input_lines(trained, tmp_path):

@@ -2,8 +2,9 @@
 the best checkpoint becomes the final model and survives rotation, patience ends a run early, and a run stopped by
 SIGTERM between two evaluations ends, relaunched, with the uninterrupted run's record.
 
-The runs continue from the README demo's trained model (the session's `default_demo`) at a learning rate high enough
-to unlearn it, so the scores fall from the first evaluation on: the best is an early step, not the last one."""
+The runs continue from the README demo's trained model (the session's `default_demo`) in small steps without
+warm-up, which shake it: the scores move (0.75, 0.25, 0.375 on this stack) and the best evaluation is an early
+step, not the last one."""
 
 import json
 import signal
@@ -21,7 +22,7 @@ from tests.test_preemption import logged, start, wait_for
 EVERY, PATIENCE, MAX_STEPS = 2, 2, 24
 # 48 samples in steps of 8 (6 per epoch); an evaluation every 2 steps on 8 held-out samples; rotation keeps 1.
 RUN = ("task.train_size=48", "task.eval_size=8", "train.global_batch_size=8", f"train.max_steps={MAX_STEPS}",
-       "train.logging_steps=1", "train.save_steps=100", "train.save_total_limit=1", "optim.lr=3e-2",
+       "train.logging_steps=1", "train.save_steps=100", "train.save_total_limit=1", "optim.lr=3e-3",
        "optim.warmup_steps=0", "eval.before=false", f"eval.every_steps={EVERY}", f"eval.patience={PATIENCE}")
 
 
@@ -87,7 +88,7 @@ def test_the_best_evaluation_is_the_final_model_and_its_checkpoint_survives_rota
     assert [e["step"] for e in evals] == list(range(EVERY, EVERY * len(evals) + 1, EVERY))
     top = max(e["score"] for e in evals)
     assert best == next(e for e in evals if e["score"] == top)
-    assert best["step"] < evals[-1]["step"] and best["score"] > evals[-1]["score"] > -1, evals  # unlearning shows
+    assert best["step"] < evals[-1]["step"] and best["score"] > 0, evals
     assert metrics["selection_score"] == best["score"] and metrics["model_step"] == best["step"]
     assert metrics["eval_after"] == pytest.approx(best["score"], abs=1e-12)
     for entry in evals:

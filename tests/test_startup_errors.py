@@ -114,6 +114,14 @@ def test_run_directory_below_a_file_is_refused(tmp_path):
         validate(cfg, world=1)
 
 
+def test_unwritable_run_directory_is_refused():
+    """A run.output_dir under a directory that cannot be written (read-only file system, no permission; /proc/1
+    refuses even root) is a ConfigError naming the directory, before anything is created."""
+    cfg = compose_config("hardware=cpu", "run.output_dir=/proc/1/runs/x")
+    with pytest.raises(ConfigError, match="run.output_dir=/proc/1/runs/x: /proc/1 is not writable here"):
+        validate(cfg, world=1)
+
+
 def test_cli_start_up_errors_exit_2_with_one_sentence(tmp_path):
     """Through `python -m phi3v_recipes`: a non-numeric epoch count (checked in validate, like a run without
     steps) and a run directory that is a file (checked before Hydra creates it) each exit with code 2 and one
@@ -140,8 +148,9 @@ def test_cli_start_up_errors_exit_2_with_one_sentence(tmp_path):
 
 # (entrypoint module, overrides, the start of its one `error:` sentence): what Hydra itself finds while composing
 # (unknown key, unknown group option, an unparsable override), a `+key` that adds a key nothing reads, and values
-# handed to libraries, for every Hydra entrypoint.
-COMPOSITION_CASES = {
+# handed to libraries, for every Hydra entrypoint; an output location that cannot be written (/proc/1 refuses
+# even root, unlike a chmod).
+CLI_CASES = {
     "unknown_key": ("phi3v_recipes", ["train.lrr=1"],
                     "error: train.lrr: train has no key lrr (did you mean optim.lr?); its keys are batch_size,"),
     "unknown_option": ("phi3v_recipes", ["task=nlvr"],
@@ -163,6 +172,16 @@ COMPOSITION_CASES = {
     # plan refuses what training refuses, with training's sentence (config.gradient_accumulation)
     "plan_world": ("phi3v_recipes.plan", ["task=nlvr2", "world_size=128"],
                    "error: train.global_batch_size=64 is not divisible by world size 128 x train.batch_size=1;"),
+    "unwritable_run": ("phi3v_recipes", ["run.output_dir=/proc/1/phi3v-run"],
+                       "error: run.output_dir=/proc/1/phi3v-run: /proc/1 is not writable here (a read-only file "
+                       "system or no permission); choose another run.output_dir."),
+    "unwritable_sweep": ("phi3v_recipes", ["-m", "hydra.sweep.dir=/proc/1/sweep", "train.max_steps=1,2"],
+                         "error: hydra.sweep.dir=/proc/1/sweep: /proc/1 is not writable here"),
+    "unwritable_predict": ("phi3v_recipes.predict", ["hardware=cpu", "input=a.jsonl",
+                                                     "output=/proc/1/out/answers.jsonl"],
+                           "error: output=/proc/1/out/answers.jsonl: /proc/1 is not writable here"),
+    "unwritable_export": ("phi3v_recipes.export", ["model.name_or_path=.", "output=/proc/1/export"],
+                          "error: output=/proc/1/export: /proc/1 is not writable here"),
 }
 
 
@@ -170,12 +189,14 @@ def test_composition_mistakes_exit_2_with_one_sentence(tmp_path):
     """Through each entrypoint: Hydra's composition errors and a `+key` that adds an unknown key end with exit
     code 2 and one `error:` sentence naming the closest valid key or option (not Hydra's report with exit code 1,
     and not silently ignored); a bad scheduler or dtype, which only a library would reject later, stops at
-    start-up the same way. No run is recorded and no weights are written."""
-    commands = {name: [module, *overrides, f"run.output_dir={tmp_path / name}"] if module == "phi3v_recipes"
-                else [module, *overrides] for name, (module, overrides, _) in COMPOSITION_CASES.items()}
+    start-up the same way, and so does an output location that cannot be written. No run is recorded and no
+    weights are written."""
+    commands = {name: [module, *overrides, f"run.output_dir={tmp_path / name}"]
+                if module == "phi3v_recipes" and not name.startswith("unwritable") else [module, *overrides]
+                for name, (module, overrides, _) in CLI_CASES.items()}
     results = run_parallel(commands, cwd=tmp_path)
     for name, out in results.items():
-        expected = COMPOSITION_CASES[name][2]
+        expected = CLI_CASES[name][2]
         assert out.returncode == 2, (name, out.stderr[-2000:])
         assert "Traceback" not in out.stderr + out.stdout and "HYDRA_FULL_ERROR" not in out.stderr, name
         errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]

@@ -317,10 +317,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 del out, batch  # one micro-batch resident at a time, as in training
         return float(total), seconds, processed
 
+    rate = matmul_tflops(device, bench.matmul_size, bench.matmul_iters)
+    progress = Path(cfg.progress) if cfg.get("progress") else None
+    label = {"workload": cfg.workload.name, "model": cfg.model.name, "strategy": cfg.strategy.name}
+
     # first_loss: each path's loss on the first step's samples at the initial weights
     first = step_samples(0)
     for path in paths:
         path.first_loss = forward_backward(path, first, sum(s.supervised for s in first), train=False)[0]
+        if progress:
+            append_json_line(progress, {"kind": "bench_first_loss", **label, "path": path.name,
+                                        "attn_implementation": path.attn, "first_loss": path.first_loss})
 
     for step in range(total_steps):
         chosen = step_samples(step)
@@ -342,11 +349,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 path.tokens.append(real_tokens)
                 path.padding[0] += processed - real_tokens
                 path.padding[1] += processed
+            if progress:  # each step as soon as it is measured: a run cut off still leaves its figures
+                step_flops = sum(sample_flops(config, s)["total"] for s in chosen)
+                append_json_line(progress, {
+                    "kind": "bench_step", **label, "path": path.name, "step": step,
+                    "warmup": step < bench.warmup_steps, "seconds": elapsed,
+                    "samples_per_s": bench.samples_per_step / elapsed, "tokens_per_s": real_tokens / elapsed,
+                    "mfu": step_flops / elapsed / (rate * 1e12) if rate else None,
+                    "peak_memory_mb": memory[path.name].peak_mb})
 
     measured = [s for step in range(bench.warmup_steps, total_steps) for s in step_samples(step)]
     flops = [sample_flops(config, s) for s in measured]
     per_sample = {k: statistics.fmean(f[k] for f in flops) for k in flops[0]}
-    rate = matmul_tflops(device, bench.matmul_size, bench.matmul_iters)
     result: dict[str, Any] = {
         "workload": cfg.workload.name, "model": cfg.model.name, "strategy": cfg.strategy.name,
         "hardware": cfg.hardware.name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -381,8 +395,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         result["first_loss_equal"] = result["first_loss_rel_diff"] <= 1e-4
     if cfg.output:
         atomic_write_text(Path(cfg.output), json.dumps(result, indent=2) + "\n")
+    if progress:
+        append_json_line(progress, {"kind": "bench_result", **result})
     print(table(result), flush=True)
     return result
+
+
+def append_json_line(path: Path, record: dict[str, Any]) -> None:
+    """Append `record` to the JSON-lines file `path` at once (flushed, so a run killed later keeps it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
 
 
 def table(result: dict[str, Any]) -> str:

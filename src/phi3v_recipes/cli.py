@@ -88,12 +88,19 @@ def register_resolvers() -> None:
 
 
 class RunDirCheck(Callback):
-    """Hydra callback: a run directory that cannot be one stops with one sentence (exit 2) before Hydra tries to
-    create it (its own error is a traceback)."""
+    """Hydra callback: a run directory (or a sweep's directory) that cannot be one, or cannot be written, stops
+    with one sentence (exit 2) before Hydra tries to create it (its own error is a traceback)."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.run.dir, "run.output_dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+    @staticmethod
+    def _check(path: str, setting: str) -> None:
         try:
-            check_output_dir(config.hydra.run.dir)
+            check_output_dir(path, setting)
         except ConfigError as err:
             print(f"error: {err}", file=sys.stderr, flush=True)
             sys.exit(2)

@@ -134,12 +134,18 @@ def check_settings(cfg: DictConfig, nullable: Iterable[str] = ()) -> None:
             raise ConfigError(problem)
 
 
-def check_output_dir(path: str | Path, setting: str = "run.output_dir") -> None:
-    """ConfigError when `path`, or a folder above it, exists as something other than a directory."""
-    for place in (Path(path), *Path(path).parents):
+def check_output_dir(path: str | Path, setting: str = "run.output_dir", file: bool = False) -> None:
+    """ConfigError when the directory `path` (with `file`: the directory of the file `path`) cannot be created or
+    written: it, or a folder above it, exists as something other than a directory, or the nearest existing one is
+    not writable (a read-only file system, no permission)."""
+    start = Path(path).parent if file else Path(path)
+    for place in (start, *start.parents):
         if place.exists() or place.is_symlink():
             _require(place.is_dir(), f"{setting}={path}: {place} is a file, not a directory; choose another "
                                      f"{setting}.")
+            _require(os.access(place, os.W_OK | os.X_OK),
+                     f"{setting}={path}: {place} is not writable here (a read-only file system or no permission); "
+                     f"choose another {setting}.")
             return
 
 

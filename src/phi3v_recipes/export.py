@@ -29,6 +29,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from phi3v_recipes.cli import exit_on_user_error, one_sentence_errors, register_resolvers
+from phi3v_recipes.config import check_output_dir
 from phi3v_recipes.errors import ConfigError
 from phi3v_recipes.rundir import checkpoints, run_config
 
@@ -104,6 +105,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"dtype={cfg.dtype}: choose one of {DTYPES}.")
     if cfg.remote_code not in REMOTE_CODE_CHOICES:
         raise ConfigError(f"remote_code={cfg.remote_code}: choose one of {REMOTE_CODE_CHOICES}.")
+    check_output_dir(output, "output")
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise ConfigError(f"output={output} already exists and is not empty; choose a new directory (nothing is "
                           "overwritten).")

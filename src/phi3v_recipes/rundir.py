@@ -192,8 +192,8 @@ def _governed(key: str) -> bool:
     return any(key == p or key.startswith(p) for p in SAME_RUN)
 
 
-def check_same_run(saved: DictConfig, now: DictConfig) -> list[str]:
-    """Compare a resumed run's configuration with the one that trained the checkpoint.
+def check_same_run(saved: DictConfig, now: DictConfig, trained_by: str = "this run directory") -> list[str]:
+    """Compare a resumed run's configuration with the one that trained the checkpoint (`trained_by` names it).
 
     Raises ConfigError naming every governed key that differs, with both values; returns the changes that are
     allowed (`key: old -> new`), for the log.
@@ -208,10 +208,31 @@ def check_same_run(saved: DictConfig, now: DictConfig) -> list[str]:
         (forbidden if _governed(key) else allowed).append(change)
     if forbidden:
         raise ConfigError(
-            "this run directory was trained with other settings; resuming would mix two runs (" + "; ".join(forbidden)
+            f"{trained_by} was trained with other settings; resuming would mix two runs (" + "; ".join(forbidden)
             + "). Resume with the original values, or start a new run in another run.output_dir."
         )
     return allowed
+
+
+def check_foreign_checkpoint(checkpoint: Path, cfg: DictConfig) -> list[str]:
+    """`train.resume=<a checkpoint of another run>`: the same checks as a resume in place, against what trained
+    that checkpoint. Its weights must be of this strategy's kind (a LoRA adapter for strategy.lora, full weights
+    otherwise), and its run's recorded configuration (config.yaml beside it or one level up) must agree on the
+    keys of SAME_RUN; a checkpoint without one is only checked for its kind, with a warning. Returns the allowed
+    changes; raises ConfigError otherwise."""
+    lora_checkpoint = (checkpoint / "adapter_config.json").is_file()
+    if lora_checkpoint != bool(cfg.strategy.get("lora")):
+        held = "a LoRA adapter" if lora_checkpoint else "full model weights, no LoRA adapter"
+        raise ConfigError(f"train.resume={checkpoint} holds {held}, but strategy={cfg.strategy.name} "
+                          f"{'trains one' if not lora_checkpoint else 'trains full weights'}; resume it with the "
+                          "strategy that wrote it, or start this run fresh (train.resume=auto in a new "
+                          "run.output_dir).")
+    saved = run_config(checkpoint)
+    if saved is None:
+        log.warning("train.resume=%s has no recorded configuration (no %s beside it or in its run directory): "
+                    "only its kind of weights was checked, not the settings that trained it", checkpoint, RECORD)
+        return []
+    return check_same_run(saved, cfg, trained_by=f"train.resume={checkpoint}")
 
 
 def extends(saved: DictConfig | None, now: DictConfig) -> bool:
@@ -303,6 +324,8 @@ def _open_run_dir(cfg: DictConfig, run_dir: Path) -> tuple[RunLock, str | None]:
     if saved is not None and cfg.train.resume is not False and (checkpoints(run_dir) or (run_dir / METRICS).exists()):
         changes = check_same_run(saved, cfg)  # before anything else: a changed run must not even look finished
     resume = resume_point(cfg.train.resume, run_dir, extends(saved, cfg))
+    if resume is not None and Path(resume).resolve().parent != run_dir.resolve():
+        changes = check_foreign_checkpoint(Path(resume), cfg)
     if resume is not None and changes:
         log.info("resuming with changed settings: %s", "; ".join(changes))
     if resume is None or saved is None:

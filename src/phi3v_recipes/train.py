@@ -41,7 +41,6 @@ from phi3v_recipes.errors import ConfigError, RunStopped, SampleError
 from phi3v_recipes.evaluation import evaluate
 from phi3v_recipes.files import atomic_write_text
 from phi3v_recipes.loading import TINY, load_model, load_processor, model_path, write_tiny_base
-from phi3v_recipes.model.metadata import finish_saved_model
 from phi3v_recipes.model.modeling_phi3v import set_supervised_logits
 from phi3v_recipes.preemption import StopSignals
 from phi3v_recipes.report import write_report
@@ -108,6 +107,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     train_samples, train_problems = load_split(cfg.task, "train")
     wants_eval = cfg.eval.before or cfg.eval.after or cfg.eval.every_steps is not None
     eval_samples, eval_problems = load_split(cfg.task, "eval") if wants_eval else ([], [])
+    check_held_out(cfg, eval_samples)
 
     path = model_path(cfg, run_dir)
     if cfg.model.name_or_path == TINY:
@@ -131,10 +131,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         record_skipped(run_dir, skipped + eval_skipped)
     if not train_samples:
         raise SampleError(f"task={cfg.task.name} has no usable training samples.")
-    if cfg.eval.every_steps is not None and not eval_samples:
-        raise ConfigError(f"eval.every_steps={cfg.eval.every_steps} evaluates the held-out set, but task="
-                          f"{cfg.task.name} has no usable held-out samples; give the task a held-out set or set "
-                          "eval.every_steps=null.")
+    check_held_out(cfg, eval_samples)
 
     model = apply_strategy(load_model(cfg, path), cfg)
     metric = cfg.task.metric
@@ -178,12 +175,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     trainer.add_callback(trackers.callback(trainer))
     result = trainer.train(resume_from_checkpoint=resume)
     step = trainer.state.global_step
-    if trainer.stopped_by:
-        message = (f"stopped by {trainer.stopped_by} at step {step}: checkpoint-{step} is saved in {run_dir}; "
-                   f"{resume_command(run_dir)} to resume.")  # logged and printed once, by cli.exit_on_user_error
+
+    def stop(by: str) -> RunStopped:  # the stop sentence: logged and printed once, by cli.exit_on_user_error
         stop_signals.chain()  # a cluster launcher's handler may requeue the job here
-        raise RunStopped(message, exit_code=128 + (stop_signals.received or signal.SIGTERM))
-    stop_signals.restore()
+        return RunStopped(f"stopped by {by} at step {step}: checkpoint-{step} is saved in {run_dir}; "
+                          f"{resume_command(run_dir)} to resume.",
+                          exit_code=128 + (stop_signals.received or signal.SIGTERM))
+
+    if trainer.stopped_by:
+        raise stop(trainer.stopped_by)
     if not all_finite(trainer.model):
         raise RunStopped(f"the trained weights hold non-finite values after step {step}; the final model was not "
                          "saved. Lower optim.lr or check the data, then start again.")
@@ -191,9 +191,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"task={cfg.task.name} gave no training step ({len(train_samples)} samples, train.epochs="
                           f"{cfg.train.epochs}, train.max_steps={cfg.train.max_steps}); nothing was saved.")
     model_step = trainer.load_best() if cfg.eval.keep_best else step
-    trainer.save_model(str(run_dir))
-    if main:  # config.json / generation_config.json / tokenizer metadata for serving, and the shipped model code
-        finish_saved_model(run_dir)
+    trainer.save_final_model()  # a stop signal meanwhile lets the save complete, then stops as during training
+    if stop_signals.received:
+        raise stop(stop_signals.name)
+    stop_signals.restore()
 
     if cfg.eval.after:
         run_eval("eval_after", trainer.model)
@@ -222,6 +223,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         write_report(run_dir, on_error="warn")  # report.html: plots, predictions gallery, config
     trackers.finish(metrics, step)  # after metrics.json: a tracker run marked finished is a finished run
     return metrics
+
+
+def check_held_out(cfg: DictConfig, eval_samples: list[Sample]) -> None:
+    """ConfigError when eval.every_steps asks for evaluations during training and there is nothing to evaluate."""
+    if cfg.eval.every_steps is not None and not eval_samples:
+        raise ConfigError(f"eval.every_steps={cfg.eval.every_steps} evaluates the held-out set, but task="
+                          f"{cfg.task.name} has no usable held-out samples; give the task a held-out set or set "
+                          "eval.every_steps=null.")
 
 
 def selection_record(trainer: RecipeTrainer, eval_after: float | None, model_step: int) -> dict[str, Any]:

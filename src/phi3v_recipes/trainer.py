@@ -10,7 +10,9 @@
   checkpoint at that same step and stop; the step's loss, averaged over ranks, is recorded exactly;
 - checkpoints are atomic (`_save_checkpoint`): written under `.checkpoint-staging/`, flushed to disk and renamed
   to `checkpoint-N` when complete; older ones are rotated out only after that. A failed write stops the run and
-  keeps the previous checkpoint. A LoRA adapter is saved without the untouched base weights (`_save`);
+  keeps the previous checkpoint. The final model is written the same way (`save_final_model`), with the serving
+  metadata and shipped model code (`model/metadata.py`). A LoRA adapter is saved without the untouched base
+  weights (`_save`);
 - evaluation during training (`eval.every_steps`, `selection.py`): after the step's check, a due evaluation scores
   the held-out set and writes a checkpoint there; `eval.patience` ends training; rotation keeps the best
   checkpoint (`eval.keep_best`), and `load_best` puts its weights back at the end. An evaluation that a stop
@@ -42,6 +44,7 @@ from transformers.trainer_utils import rotate_checkpoints, seed_worker
 
 from phi3v_recipes.cluster import resume_command
 from phi3v_recipes.errors import ConfigError, RunStopped, SampleError
+from phi3v_recipes.model.metadata import finish_saved_model
 from phi3v_recipes.preemption import StopSignals
 from phi3v_recipes.rundir import CHECKPOINT_PREFIX, STAGING, append_skipped, checkpoints, record
 from phi3v_recipes.selection import Evaluations
@@ -352,12 +355,7 @@ class RecipeTrainer(Trainer):
         except Exception as err:  # noqa: BLE001 - disk full, quota, I/O errors raise OSError, SafetensorError, ...
             if main:
                 shutil.rmtree(staging_root, ignore_errors=True)
-            kept = checkpoints(self.run_dir)
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[-1]
-            raise RunStopped(
-                f"writing checkpoint {final} failed ({reason}); it was removed and "
-                f"{kept[-1].name + ' is kept' if kept else 'no earlier checkpoint exists'}. Free space in "
-                f"{self.run_dir}, then {resume_command(self.run_dir)} to resume.") from None
+            raise self._write_failed(err, f"checkpoint {final}") from None
         finally:
             self.args.output_dir = run_output_dir
         self.accelerator.wait_for_everyone()  # no rank leaves (e.g. on a stop signal) before the rename is done
@@ -369,6 +367,44 @@ class RecipeTrainer(Trainer):
                                use_mtime=False)
             log.info("saved %s", final)
 
+
+    def save_final_model(self) -> None:
+        """The final model (weights or adapter, config, processor files) into the run directory, written like a
+        checkpoint: under `.checkpoint-staging/final-model`, flushed, then each file renamed into place with
+        `config.json` last, so a run directory never holds a config without its weights. A failed write removes
+        the staged files and stops the run naming the last good checkpoint (a relaunch resumes there and saves
+        again)."""
+        staging_root = self.run_dir / STAGING
+        staged = staging_root / "final-model"
+        main = self.is_world_process_zero()
+        try:
+            self.save_model(str(staged))
+            self.accelerator.wait_for_everyone()
+            if main:
+                finish_saved_model(staged)  # serving metadata and the shipped model code, before anything is renamed
+                _fsync_tree(staged)
+                for path in sorted(staged.iterdir(), key=lambda p: p.name == "config.json"):
+                    target = self.run_dir / path.name
+                    if path.is_dir() and target.is_dir():
+                        shutil.rmtree(target)
+                    os.replace(path, target)
+                _fsync_dir(self.run_dir)
+        except Exception as err:  # noqa: BLE001 - as in _save_checkpoint
+            if main:
+                shutil.rmtree(staging_root, ignore_errors=True)
+            raise self._write_failed(err, f"the final model to {self.run_dir}") from None
+        if main:
+            shutil.rmtree(staging_root, ignore_errors=True)
+            log.info("saved the final model to %s", self.run_dir)
+
+    def _write_failed(self, err: Exception, what: str) -> RunStopped:
+        """The one sentence for a write that failed (disk full, quota, I/O error), naming the last good checkpoint."""
+        kept = checkpoints(self.run_dir)
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[-1]
+        return RunStopped(
+            f"writing {what} failed ({reason}); it was removed and "
+            f"{kept[-1].name + ' is kept' if kept else 'no earlier checkpoint exists'}. Free space in "
+            f"{self.run_dir}, then {resume_command(self.run_dir)} to resume.")
 
     # ---- adapter saves ----------------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ same function, so training and generation see the same tokens.
 """
 
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -44,16 +45,26 @@ def user_content(sample: Sample, turn_index: int) -> str:
     return turn.user
 
 
-def prompt_text(processor: Any, content: str) -> str:
-    """`<|user|>\\n{content}<|end|>\\n<|assistant|>\\n` through the tokenizer's chat template."""
-    messages = [{"role": "user", "content": content}]
+def prompt_text(processor: Any, content: str, earlier: Sequence[tuple[str, str]] = ()) -> str:
+    """`<|user|>\n{content}<|end|>\n<|assistant|>\n` through the tokenizer's chat template, after the `earlier`
+    (user content, assistant reply) turns of the conversation. The one prompt of training, evaluation and
+    prediction."""
+    messages = []
+    for user, reply in earlier:
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+    messages.append({"role": "user", "content": content})
     return processor.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def generation_prompt(sample: Sample, processor: Any) -> tuple[str, list]:
-    """The first turn as a generation prompt (text, images): what evaluation and prediction feed `generate`."""
-    images = [load_image(ref, sample) for ref in sample.turns[0].images]
-    return prompt_text(processor, user_content(sample, 0)), images
+def generation_prompt(sample: Sample, processor: Any, max_pixels: int | None = None,
+                      whole: bool = False) -> tuple[str, list]:
+    """A generation prompt (text, images within `max_pixels` pixels) for `generate`: the first turn (evaluation
+    scores the first answer), or with `whole` the whole conversation, the earlier replies given and the last one
+    asked for (prediction)."""
+    last = len(sample.turns) - 1 if whole else 0
+    earlier = [(user_content(sample, k), sample.turns[k].assistant) for k in range(last)]
+    images = [load_image(ref, sample, max_pixels) for turn in sample.turns[: last + 1] for ref in turn.images]
+    return prompt_text(processor, user_content(sample, last), earlier), images
 
 
 def too_long(sample: Sample, n_tokens: int, max_length: int) -> str:

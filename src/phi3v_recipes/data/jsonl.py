@@ -7,11 +7,14 @@ One JSON object per line:
                         "user": "Classify the video ...", "assistant": "BabyCrawling"},
                        {"user": "Are you sure?", "assistant": "Yes"}]}
 
-Image paths are relative to an image root; any number of images and turns; later turns may carry no images.
+Image paths are relative to an image root and must stay inside it (a `..` or a symlink that leads out makes the line
+a bad sample); absolute paths are taken as they are. Any number of images and turns; later turns may carry no
+images.
 An optional "references" list gives every answer accepted for the first turn at evaluation.
 """
 
 import json
+import os
 from pathlib import Path
 
 from phi3v_recipes.data.sample import Sample, Turn
@@ -35,11 +38,20 @@ def _parse_row(row: object, where: str, image_root: Path, require_answers: bool 
         images = turn.get("images", [])
         if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
             raise ValueError(f"{where} (id {row['id']}): turn {k}: 'images' must be a list of paths.")
+        for p in images:
+            if not Path(p).is_absolute() and not _inside(image_root / p, image_root):
+                raise ValueError(f"{where} (id {row['id']}): turn {k}: image {p} leads outside the image root "
+                                 f"{image_root}; keep relative paths inside it, or give an absolute path.")
         turns.append(Turn(user=turn["user"], assistant=answer, images=tuple(image_root / p for p in images)))
     references = row.get("references", [])
     if not isinstance(references, list) or not all(isinstance(r, str) for r in references):
         raise ValueError(f"{where} (id {row['id']}): 'references' must be a list of strings.")
     return Sample(id=str(row["id"]), turns=turns, references=references, origin=where)
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """True when `path`, with `..` and symlinks resolved, lies under `root` (resolved the same way)."""
+    return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(root))
 
 
 def read_jsonl(

@@ -29,9 +29,9 @@ from typing import Any
 from transformers import CLIPVisionConfig, Phi3Config
 from transformers.utils import is_flash_attn_2_available, logging
 
-try:  # transformers 5
+try:  # transformers >= 5.20 builds declared sub-configs itself
     from transformers.configuration_utils import SubConfigSpec
-except ImportError:  # transformers 4: no sub-config defaults (the model needs transformers 5 anyway)
+except ImportError:  # older transformers (the GPU image's 5.17, 4.x): `sub_configs` below, built in __post_init__
     SubConfigSpec = None
 
 logger = logging.get_logger(__name__)
@@ -104,9 +104,12 @@ class Phi3VConfig(Phi3Config):
     """
 
     model_type = "phi3_v"
-    sub_configs_defaults = {
-        "vision_config": SubConfigSpec(config_class=CLIPVisionConfig, init_kwargs=CLIP_VIT_L_14_336_CONFIG)
-    } if SubConfigSpec is not None else {}
+    if SubConfigSpec is not None:
+        sub_configs_defaults = {
+            "vision_config": SubConfigSpec(config_class=CLIPVisionConfig, init_kwargs=CLIP_VIT_L_14_336_CONFIG)
+        }
+    else:
+        sub_configs = {"vision_config": CLIPVisionConfig}
 
     vision_config: dict | CLIPVisionConfig | None = None
     img_processor: dict | None = None
@@ -133,6 +136,8 @@ class Phi3VConfig(Phi3Config):
                 )
             else:
                 kwargs["attn_implementation"] = saved_attn
+        if SubConfigSpec is None and not isinstance(self.vision_config, CLIPVisionConfig):
+            self.vision_config = CLIPVisionConfig(**(self.vision_config or CLIP_VIT_L_14_336_CONFIG))
         super().__post_init__(**kwargs)
         self._check_vision_fields()
 

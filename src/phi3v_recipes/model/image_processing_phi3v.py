@@ -11,6 +11,9 @@ followed by the row-major crops, zero-padded to `num_crops + 1` entries:
 The numbers reproduce Microsoft's reference processor (`image_processing_phi3_v.py` as shipped with the hub
 checkpoints) exactly: same resize (PIL bilinear), same padding, same float32 normalisation and the same bicubic
 global view. The reference needs torchvision; this implementation uses PIL, NumPy and torch only.
+
+This file imports only torch, NumPy, PIL and transformers: it is shipped verbatim beside every export (see
+docs/export.md).
 """
 
 from __future__ import annotations

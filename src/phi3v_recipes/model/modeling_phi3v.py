@@ -31,6 +31,7 @@ This file imports only torch, transformers and its sibling `configuration_phi3v`
 verbatim beside every export, where transformers loads it with `trust_remote_code=True` (see docs/export.md).
 """
 
+import inspect
 import os
 from typing import Any
 
@@ -41,7 +42,6 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.clip.modeling_clip import CLIPEncoder, CLIPVisionEmbeddings
 from transformers.models.phi3.modeling_phi3 import Phi3Model, Phi3PreTrainedModel
 from transformers.processing_utils import Unpack
@@ -49,6 +49,26 @@ from transformers.utils import TransformersKwargs, can_return_tuple, is_liger_ke
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_phi3v import Phi3VConfig
+
+# transformers 5.24 renamed the key-value cache argument and output field from `past_key_values` to `cache`; the
+# GPU image's transformers (5.17) has the old name. Our signatures take `cache` (and `past_key_values` through
+# `deprecate_kwarg`); what we hand to or read from transformers uses the installed version's name.
+CACHE = "cache" if "cache" in inspect.signature(Phi3Model.forward).parameters else "past_key_values"
+# `deprecate_kwarg` warns before this version and renames silently from it: under the old name transformers' own
+# generation passes `past_key_values`, which is then no caller's mistake.
+CACHE_RENAME_WARNS_UNTIL = "5.40.0" if CACHE == "cache" else "5.0.0"
+
+
+def slice_logits_to_keep(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    """The positions whose logits are wanted: the last `logits_to_keep` (0: all), or the given positions (what
+    transformers >= 5.22 names `slice_logits_to_keep`; the image's 5.17 lacks it)."""
+    if isinstance(logits_to_keep, int):
+        return hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
+    if logits_to_keep.dtype == torch.bool:
+        return hidden_states[logits_to_keep]
+    return hidden_states[:, logits_to_keep] if logits_to_keep.dim() == 1 else torch.gather(
+        hidden_states, 1, logits_to_keep[..., None].expand(-1, -1, hidden_states.shape[-1]))
+
 
 # The shard size of the official checkpoints (transformers 4's default): two safetensors files and an index for
 # the 8.3 GB bf16 Phi-3.5-vision; one file, no index, for anything under 5 GB.
@@ -291,7 +311,7 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
         embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), features.to(embeds.dtype))
         return nn.functional.dropout(embeds, self.config.embd_pdrop, self.training)
 
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @deprecate_kwarg("past_key_values", CACHE_RENAME_WARNS_UNTIL, new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -313,9 +333,9 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
         return super().forward(
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            **{CACHE: cache},
             **kwargs,
         )
 
@@ -357,7 +377,7 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):
         return [name for name, p in self.named_parameters() if id(p) in unused]
 
     @can_return_tuple
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @deprecate_kwarg("past_key_values", CACHE_RENAME_WARNS_UNTIL, new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -410,7 +430,7 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            cache=outputs.cache,
+            **{CACHE: getattr(outputs, CACHE)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
@@ -446,7 +466,7 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):
             loss = loss / num_items_in_batch
         return loss
 
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @deprecate_kwarg("past_key_values", CACHE_RENAME_WARNS_UNTIL, new_name="cache")
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
@@ -461,7 +481,7 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):
         if cache is not None and input_ids.shape[1] > limit and cache.get_seq_length() <= limit:
             cache = None
             kwargs["next_sequence_length"] = None
-        model_inputs = super().prepare_inputs_for_generation(input_ids, cache=cache, **kwargs)
+        model_inputs = super().prepare_inputs_for_generation(input_ids, **{CACHE: cache}, **kwargs)
         # Images are encoded whenever the step's input holds image positions: at prefill, and again if the
         # cache was dropped above. Decoding steps reuse the cached keys and values.
         step_ids = model_inputs.get("input_ids")

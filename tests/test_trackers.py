@@ -14,14 +14,15 @@ import pytest
 
 from phi3v_recipes.config import validate
 from phi3v_recipes.errors import ConfigError
+from phi3v_recipes.trackers import Trackers
 from tests.conftest import compose_config, offline_env, read_metrics, run_cli
 
 mlflow = pytest.importorskip("mlflow")
 wandb_pb = pytest.importorskip("wandb.proto.wandb_internal_pb2")
 
-# 48 samples, global batch 16: 3 optimizer steps per epoch, 9 in all; a checkpoint every 3 steps.
+# 48 samples, global batch 16: 3 optimizer steps per epoch, 9 in all; a checkpoint and an evaluation every 3 steps.
 RUN = ("task.train_size=48", "task.eval_size=4", "eval.batch_size=4", "train.epochs=3", "train.logging_steps=1",
-       "train.save_steps=3", "optim.warmup_steps=2", "optim.lr=2e-3", "eval.before=false",
+       "train.save_steps=3", "eval.every_steps=3", "optim.warmup_steps=2", "optim.lr=2e-3", "eval.before=false",
        "report_to=[tensorboard,mlflow,wandb]", "tracker.wandb.mode=offline")
 
 
@@ -119,9 +120,10 @@ def interrupted(tmp_path_factory) -> dict:
 def test_mlflow_holds_one_run_with_each_step_once_and_the_runs_numbers(interrupted):
     """Across kill -9, SIGTERM and a final launch, the run is ONE MLflow run (in the experiment named after the
     task) whose loss, learning-rate and gradient-norm histories have each step 1..9 exactly once, equal to the
-    run's own per-step record (the final checkpoint's recipe_state.json); its params are the flat resolved config
-    (optim.lr as run); final metrics equal metrics.json; the run ends FINISHED. Steps past a checkpoint are never
-    sent before it: after kill -9 at step 5 MLflow held steps 1-3 only."""
+    run's own per-step record (metrics.json `steps`), and whose eval/accuracy history is metrics.json `evals`, each
+    evaluation once; its params are the flat resolved config (optim.lr as run); final metrics equal metrics.json;
+    the run ends FINISHED. Steps past a checkpoint are never sent before it: after kill -9 at step 5 MLflow held
+    steps 1-3 only."""
     client, run_id, run_dir = interrupted["client"], interrupted["run_id"], interrupted["run_dir"]
     experiment = client.get_experiment_by_name("demo")
     runs = client.search_runs([experiment.experiment_id])
@@ -131,7 +133,8 @@ def test_mlflow_holds_one_run_with_each_step_once_and_the_runs_numbers(interrupt
     assert float(run.data.params["optim.lr"]) == 2e-3
     assert run.data.params["task.name"] == "demo" and run.data.params["train.save_steps"] == "3"
 
-    record = json.loads((run_dir / "checkpoint-9" / "recipe_state.json").read_text())["steps"]
+    metrics = read_metrics(run_dir)
+    record = metrics["steps"]
     assert [r["step"] for r in record] == list(range(1, 10))
     for key, field in (("train/loss", "loss"), ("train/learning_rate", "learning_rate"),
                        ("train/grad_norm", "grad_norm")):
@@ -139,7 +142,8 @@ def test_mlflow_holds_one_run_with_each_step_once_and_the_runs_numbers(interrupt
         assert [s for s, _ in points] == list(range(1, 10)), key
         assert [v for _, v in points] == pytest.approx([r[field] for r in record], rel=1e-9, abs=1e-12), key
 
-    metrics = read_metrics(run_dir)
+    assert [e["step"] for e in metrics["evals"]] == [3, 6, 9]
+    assert mlflow_points(client, run_id, "eval/accuracy") == [(e["step"], e["score"]) for e in metrics["evals"]]
     assert run.data.metrics["final/train_loss"] == pytest.approx(metrics["train_loss"], rel=1e-9)
     assert run.data.metrics["final/eval_after"] == pytest.approx(metrics["eval_after"])
     assert run.data.metrics["final/global_steps"] == 9
@@ -155,19 +159,23 @@ def test_wandb_offline_run_continues_across_launches_with_each_step_once(interru
     """wandb (offline): every launch writes under the run id of trackers.json. wandb writes its run file when the
     run finishes, so the launch killed with SIGKILL kept at most the steps it had sent (never one past its
     checkpoint, step 3), and the next launch sent again what no finished launch holds: the launches that ended
-    (SIGTERM, then the end) hold each step 1..9 once, with the run's exact loss, learning rate and gradient norm,
-    and the flat resolved config."""
+    (SIGTERM, then the end) hold each step 1..9 once (x axis `global_step`), with the run's exact loss, learning
+    rate and gradient norm, each evaluation once at its step, and the flat resolved config."""
     run_dir = interrupted["run_dir"]
     run_id = json.loads((run_dir / "trackers.json").read_text())["wandb"]["run_id"]
     (killed_ids, killed_rows, _), *ended = wandb_launches(run_dir)
     assert len(ended) == 2 and all(ids == {run_id} for ids, _, _ in ended) and killed_ids <= {run_id}
-    assert {row["_step"] for row in killed_rows} <= {1, 2, 3}
-    rows = [row for _, launch_rows, _ in ended for row in launch_rows]
-    record = json.loads((run_dir / "checkpoint-9" / "recipe_state.json").read_text())["steps"]
-    assert [row["_step"] for row in rows] == list(range(1, 10))
+    assert {row["global_step"] for row in killed_rows} <= {1, 2, 3}
+    rows = [row for _, launch_rows, _ in ended for row in launch_rows if "train/loss" in row]
+    metrics = read_metrics(run_dir)
+    record = metrics["steps"]
+    assert [row["global_step"] for row in rows] == list(range(1, 10))
     for key, field in (("train/loss", "loss"), ("train/learning_rate", "learning_rate"),
                        ("train/grad_norm", "grad_norm")):
         assert [row[key] for row in rows] == pytest.approx([r[field] for r in record], rel=1e-9, abs=1e-12), key
+    evals = [(row["global_step"], row["eval/accuracy"]) for _, launch_rows, _ in ended for row in launch_rows
+             if "eval/accuracy" in row]
+    assert evals == [(e["step"], e["score"]) for e in metrics["evals"]]
     config = ended[0][2]
     assert config["optim.lr"] == 2e-3 and config["task.name"] == "demo"
 
@@ -234,3 +242,19 @@ def test_tracker_settings_are_checked_by_validate(override, hidden, sentence, mo
     with pytest.raises(ConfigError) as err:
         validate(cfg, world=1)
     assert str(err.value) == sentence
+
+
+def test_a_tracker_that_cannot_be_opened_is_one_sentence(tmp_path):
+    """An MLflow store that cannot be opened (a SQLite file below a path that is a file) stops the launch with one
+    sentence naming the store and the setting to check, not a traceback from inside MLflow."""
+    (tmp_path / "a_file").write_text("")
+    uri = f"sqlite:///{tmp_path / 'a_file' / 'mlflow.db'}"
+    cfg = compose_config("hardware=cpu", "report_to=mlflow", f"tracker.mlflow.tracking_uri={uri}",
+                         f"run.output_dir={tmp_path / 'run'}")
+    (tmp_path / "run").mkdir()
+    with pytest.raises(ConfigError) as err:
+        Trackers.open(cfg, tmp_path / "run", main=True)
+    message = str(err.value)
+    assert message.startswith(f"report_to=mlflow: could not open the tracker run ({uri}): ")
+    assert message.endswith("check the tracker.mlflow settings in conf/train.yaml, or drop mlflow from report_to.")
+    assert "\n" not in message and not (tmp_path / "run" / "trackers.json").exists()

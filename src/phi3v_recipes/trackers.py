@@ -7,14 +7,15 @@ step twice, which the stock integrations do not do:
 - **One tracker run per training run.** The first launch creates the run and writes its id to
   `<run dir>/trackers.json`; every later launch of the same run directory reopens that run (MLflow: the run id;
   wandb: `id=` with `resume="allow"`).
-- **Each step exactly once.** Per-step values (loss, learning rate, gradient norm: `RecipeTrainer.step_records()`, which
-  checkpoints carry in `recipe_state.json`) and the evaluations logged during training are held back and sent
-  when a checkpoint is complete, up to that checkpoint's step, and at the end of training. A launch that dies
-  sends nothing past its last checkpoint, and the next launch resumes from that checkpoint; steps that the dead
-  launch had already sent (its last flush) are never sent again: the tracker's last logged step (MLflow: read
-  back from the store; wandb: `trackers.json`) is a high-water mark, and a flush sends only later steps. Steps
-  that were saved but not sent (a launch killed between a checkpoint and its flush) come from the resumed
-  checkpoint's own record. So every step reaches the tracker once, with the value the saved weights trained on.
+- **Each step exactly once.** Per-step values (loss, learning rate, gradient norm: `RecipeTrainer.step_records()`)
+  and evaluations during training (`RecipeTrainer.evaluations`), which checkpoints carry in `recipe_state.json`,
+  are held back and sent when a checkpoint is complete, up to that checkpoint's step, and at the end of training.
+  A launch that dies sends nothing past its last checkpoint, and the next launch resumes from that checkpoint;
+  what an earlier launch sent is never sent again: the newest step a tracker holds, of each kind (MLflow: read
+  back from the store; wandb: `trackers.json`, advanced when a launch closes its run), is a high-water mark, and
+  a send goes above it only. What was saved but not sent (a launch killed between a checkpoint and its send)
+  comes from the resumed checkpoint's own record. So every step reaches the tracker once, with the value the
+  saved weights trained on.
 - **Grouped sweeps.** A sweep's jobs go to one MLflow experiment and one wandb group, both named after the sweep
   directory (`tracker.experiment`, `tracker.wandb.group` override); a single run goes to an experiment named
   after the task.
@@ -128,22 +129,26 @@ def final_values(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def _kinds(values: dict[str, float]) -> set[str]:
+    """Which marks a logged row advances: `train` (per-step values), `eval` (an evaluation)."""
+    return {key.split("/", 1)[0] for key in values} & {"train", "eval"}
+
+
 class _Tracker:
-    """One tracker run: opened (or reopened) at start, fed whole steps in order, finished with the final metrics."""
+    """One tracker run: opened (or reopened) at start, fed rows in step order, finished with the final metrics.
+
+    `marks` holds the newest step it holds of each kind (`train`: per-step values, `eval`: evaluations): rows at or
+    below a mark are never sent again. `durable` is what is sure to survive this process (kept in trackers.json)."""
 
     name = ""
     run_id = ""
 
-    def durable_step(self) -> int:
-        """The newest step that is sure to survive this process (kept in trackers.json)."""
-        return self.last_step()
+    def __init__(self) -> None:
+        self.marks = {"train": 0, "eval": 0}
+        self.durable = dict(self.marks)
 
-    def last_step(self) -> int:
-        """The newest step this run holds (0: none)."""
-        raise NotImplementedError
-
-    def log_steps(self, rows: list[tuple[int, dict[str, float]]]) -> None:
-        """Log `(step, {key: value})` rows, in step order."""
+    def log_rows(self, rows: list[tuple[int, dict[str, float]]]) -> None:
+        """Log `(step, {key: value})` rows, in step order, advancing `marks` as they go through."""
         raise NotImplementedError
 
     def finish(self, final: dict[str, float], step: int, status: str) -> None:
@@ -156,6 +161,7 @@ class _MLflow(_Tracker):
     def __init__(self, cfg: DictConfig, run_id: str | None, experiment: str, run_name: str, tags: dict[str, str]):
         from mlflow import MlflowClient
 
+        super().__init__()
         self.client = MlflowClient(tracking_uri=mlflow_uri(cfg))
         params = {k: v if isinstance(v, str) else json.dumps(v) for k, v in flat_config(cfg).items()}  # strings
         if run_id is None:
@@ -171,29 +177,31 @@ class _MLflow(_Tracker):
             for key, value in params.items():  # a resumed run may change some settings (longer, ...): tags
                 if key in held and held[key] != value[:6000]:
                     self.client.set_tag(run_id, f"changed.{key}", f"{held[key]} -> {value}")
-        history = self.client.get_metric_history(self.run_id, STEP_KEYS["loss"])  # what earlier launches sent
-        self.logged = max((m.step for m in history), default=0)
+        # what earlier launches sent: MLflow commits each batch, so the store itself is the mark
+        for kind, key in (("train", STEP_KEYS["loss"]), ("eval", f"eval/{cfg.task.metric}")):
+            self.marks[kind] = max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=0)
+        self.durable = self.marks
 
     def _log_params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param
 
         self.client.log_batch(self.run_id, params=[Param(k[:250], v[:6000]) for k, v in params.items()])
 
-    def last_step(self) -> int:
-        return self.logged
-
-    def log_steps(self, rows: list[tuple[int, dict[str, float]]]) -> None:
+    def log_rows(self, rows: list[tuple[int, dict[str, float]]]) -> None:
         import time
 
         from mlflow.entities import Metric
 
         batch: list[Metric] = []
+        kinds: set[str] = set()
         for i, (step, values) in enumerate(rows):
             now = int(time.time() * 1000)
             batch += [Metric(key, value, now, step) for key, value in values.items()]
+            kinds |= _kinds(values)
             if i + 1 == len(rows) or len(batch) + len(rows[i + 1][1]) > _BATCH:
                 self.client.log_batch(self.run_id, metrics=batch)  # one transaction in a database store
-                self.logged, batch = step, []
+                self.marks.update({kind: step for kind in kinds})
+                batch, kinds = [], set()
 
     def finish(self, final: dict[str, float], step: int, status: str) -> None:
         import time
@@ -207,42 +215,41 @@ class _MLflow(_Tracker):
 
 
 class _Wandb(_Tracker):
+    """wandb logs `{"global_step": step, ...}` rows with `global_step` as every chart's x axis (as Hugging Face's
+    integration does), so an evaluation that comes late (at the resumed step) still lands at its step."""
+
     name = "wandb"
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, run_id: str | None, logged: int, group: str | None,
+    def __init__(self, cfg: DictConfig, run_dir: Path, run_id: str | None, marks: dict[str, int], group: str | None,
                  run_name: str, tags: dict[str, str]):
         import wandb
 
+        super().__init__()
         settings = cfg.tracker.wandb
-        self.logged = self.durable = logged
         self.run = wandb.init(
             project=settings.project, entity=settings.entity, group=group, name=run_name, id=run_id,
             resume="allow", dir=str(run_dir), mode=settings.mode, config=flat_config(cfg),
             notes=tags.get("run_dir"), tags=[tags["sweep_job"]] if "sweep_job" in tags else None,
             allow_val_change=True,
         )
+        self.run.define_metric("global_step")
+        self.run.define_metric("*", step_metric="global_step", step_sync=True)
         self.run_id = self.run.id
-        # online, a resumed run knows its next step from the server; offline it starts at 0 and trackers.json counts
-        self.logged = self.durable = max(logged, self.run.starting_step - 1)
+        # wandb buffers its run file (x_transaction_log_flush_interval) and writes it all when the run finishes, and
+        # an offline run cannot be asked: trackers.json keeps what earlier launches closed
+        self.marks.update({k: int(v) for k, v in marks.items() if k in self.marks})
+        self.durable = dict(self.marks)
 
-    def last_step(self) -> int:
-        return self.logged  # an offline run cannot be asked; trackers.json keeps what earlier launches closed
-
-    def durable_step(self) -> int:
-        # wandb buffers its run file (x_transaction_log_flush_interval) and writes it all when the run finishes:
-        # what a launch logged is sure to be kept only once `finish` returned
-        return self.durable
-
-    def log_steps(self, rows: list[tuple[int, dict[str, float]]]) -> None:
+    def log_rows(self, rows: list[tuple[int, dict[str, float]]]) -> None:
         for step, values in rows:
-            self.run.log(values, step=step)
-            self.logged = step
+            self.run.log({"global_step": step, **values})
+            self.marks.update({kind: step for kind in _kinds(values)})
 
     def finish(self, final: dict[str, float], step: int, status: str) -> None:
         for key, value in final.items():
             self.run.summary[f"final/{key}"] = value
         self.run.finish(exit_code=0 if status == "FINISHED" else 1)
-        self.durable = self.logged
+        self.durable = dict(self.marks)
 
 
 class Trackers:
@@ -257,8 +264,6 @@ class Trackers:
         self.trackers = trackers
         self.open_trackers = list(trackers)  # not finished yet
         self.stopped = False
-        self.sent = {t.name: t.last_step() for t in trackers}
-        self._evals: dict[int, dict[str, float]] = {}
         self._save_record()
         if trackers:
             atexit.register(self._close_unfinished)
@@ -283,8 +288,8 @@ class Trackers:
                     trackers.append(_MLflow(cfg, held.get("run_id"), experiment, run_name, tags))
                 else:
                     group = cfg.tracker.wandb.group or (str(sweep)[-128:] if sweep else None)
-                    trackers.append(_Wandb(cfg, run_dir, held.get("run_id"), held.get("logged_step", 0), group,
-                                           run_name, tags))
+                    trackers.append(_Wandb(cfg, run_dir, held.get("run_id"), held.get("sent", {}), group, run_name,
+                                           tags))
             except ConfigError:
                 raise
             except Exception as err:  # noqa: BLE001 - an unreachable server, a locked store, bad credentials ...
@@ -292,44 +297,35 @@ class Trackers:
                 where = f" ({mlflow_uri(cfg) or os.environ.get('MLFLOW_TRACKING_URI', 'the default store')})" \
                     if name == "mlflow" else ""
                 raise ConfigError(f"report_to={name}: could not open the tracker run{where}: {reason}; check the "
-                                  f"tracker.{name} settings in conf/train.yaml, or drop {name} from report_to.") from None
+                                  f"tracker.{name} settings in conf/train.yaml, or drop {name} from "
+                                  "report_to.") from None
             verb = "continuing" if held.get("run_id") else "logging to"
             log.info("%s: %s run %s", name, verb, trackers[-1].run_id)
         return cls(run_dir, trackers)
 
     def callback(self, trainer: Any) -> "TrackerCallback":
-        """The callback for `trainer` (a `RecipeTrainer`: its `steps` records, its `stopped_by`)."""
+        """The callback for `trainer` (a `RecipeTrainer`: its per-step records, evaluations and `stopped_by`)."""
         return TrackerCallback(self, trainer)
 
-    def send(self, steps: list[dict[str, Any]], upto: int) -> None:
-        """Send every step (and evaluation) up to `upto` that a tracker does not hold yet."""
+    def send(self, steps: list[dict[str, Any]], evals: dict[int, dict[str, float]], upto: int) -> None:
+        """Send every step and evaluation up to step `upto` that a tracker does not hold yet (`evals`: step ->
+        {`eval/<metric>`: score})."""
         for tracker in self.trackers:
             rows: dict[int, dict[str, float]] = {}
             for row in steps:
-                if self.sent[tracker.name] < row["step"] <= upto:
+                if tracker.marks["train"] < row["step"] <= upto:
                     rows[row["step"]] = {STEP_KEYS[k]: float(row[k]) for k in STEP_KEYS if row.get(k) is not None}
-            for step, values in self._evals.items():
-                if self.sent[tracker.name] < step <= upto:
+            for step, values in evals.items():
+                if tracker.marks["eval"] < step <= upto:
                     rows.setdefault(step, {}).update(values)
             if not rows:
                 continue
             try:
-                tracker.log_steps(sorted(rows.items()))
+                tracker.log_rows(sorted(rows.items()))
             except Exception as err:  # noqa: BLE001 - a tracker outage must not end a training run
                 log.warning("%s: could not log steps %d-%d (%s); they are sent again with the next checkpoint",
                             tracker.name, min(rows), max(rows), err)
-                self.sent[tracker.name] = tracker.last_step()  # the batches that went through
-                continue
-            self.sent[tracker.name] = max(rows)
-        lowest = min(self.sent.values(), default=upto)  # evaluations a failed tracker still needs stay
-        self._evals = {s: v for s, v in self._evals.items() if s > lowest}
         self._save_record()
-
-    def add_evaluation(self, step: int, logs: dict[str, float]) -> None:
-        values = {"eval/" + k.removeprefix("eval_").removeprefix("eval/"): float(v) for k, v in logs.items()
-                  if k.startswith("eval") and isinstance(v, int | float) and not isinstance(v, bool)}
-        if values:
-            self._evals.setdefault(step, {}).update(values)
 
     def finish(self, metrics: dict[str, Any], step: int) -> None:
         """Log the final metrics (`final/<key>`) and close the tracker runs as finished."""
@@ -354,35 +350,34 @@ class Trackers:
     def _save_record(self) -> None:
         if not self.trackers:
             return
-        record = {t.name: {"run_id": t.run_id, "logged_step": t.durable_step()} for t in self.trackers}
+        record = {t.name: {"run_id": t.run_id, "sent": t.durable} for t in self.trackers}
         atomic_write_text(self.run_dir / RECORD, json.dumps(record, indent=2) + "\n")
 
 
 class TrackerCallback(TrainerCallback):
-    """Sends held-back steps and evaluations to the trackers when a checkpoint is complete and when training
-    ends; collects evaluations from `Trainer.log` (`eval_*` keys) at their step."""
+    """Sends the trainer's recorded steps and evaluations to the trackers when a checkpoint is complete (they are
+    then part of the saved run) and when training ends."""
 
     def __init__(self, trackers: Trackers, trainer: Any):
         self.trackers = trackers
         self.trainer = trainer
 
-    def steps(self) -> list[dict[str, Any]]:
-        return self.trainer.step_records()
+    def _send(self, upto: int) -> None:
+        metric = self.trainer.recipe.task.metric
+        evals = {e["step"]: {f"eval/{metric}": float(e["score"])} for e in self.trainer.evaluations.evals}
+        self.trackers.send(self.trainer.step_records(), evals, upto)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        for name, sent in self.trackers.sent.items():
-            if sent > state.global_step:  # resumed from an older checkpoint than the newest (train.resume=<path>)
+        for tracker in self.trackers.trackers:
+            if tracker.marks["train"] > state.global_step:  # resumed from an older checkpoint (train.resume=<path>)
                 log.warning("%s already holds steps %d-%d from an earlier launch; they keep those values and the "
-                            "retrained steps are not sent again", name, state.global_step + 1, sent)
-        # a resumed launch: steps its checkpoint saved that the dead launch never sent
-        self.trackers.send(self.steps(), state.global_step)
-
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
-        self.trackers.add_evaluation(state.global_step, logs or {})
+                            "retrained steps are not sent again", tracker.name, state.global_step + 1,
+                            tracker.marks["train"])
+        self._send(state.global_step)  # what the resumed checkpoint saved and no earlier launch sent for sure
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.trackers.send(self.steps(), state.global_step)
+        self._send(state.global_step)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.trackers.send(self.steps(), state.global_step)
+        self._send(state.global_step)
         self.trackers.stopped = self.trainer.stopped_by is not None

@@ -13,7 +13,8 @@ The run directory ends with the final model (full weights, or the LoRA adapter) 
 `checkpoint-*` directories, `config.yaml` (the resolved config), `metrics.json`, predictions of each evaluation
 (`eval_step-N_predictions.jsonl` for those during training), `skipped.txt` when data.on_error=skip dropped
 samples, `screen_cache.jsonl` (the screen's verdicts, which a relaunch reads instead of decoding every image
-again), tensorboard logs under `runs/`, and `report.html` (report/).
+again), tensorboard logs under `runs/`, `trackers.json` (the MLflow / wandb run ids of report_to: trackers.py),
+and `report.html` (report/).
 """
 
 import json

@@ -79,7 +79,7 @@ def assert_self_contained(page: Page) -> int:
     images = [attrs for tag, attrs, _ in page.elements if tag == "img"]
     for attrs in images:
         decode_picture(attrs["src"])
-    assert all(tag in ("img",) for tag, _, _ in page.find("src"))
+    assert all(tag == "img" for tag, _, _ in page.find("src"))
     assert not [attrs for tag, attrs, _ in page.elements if tag in ("script", "link", "iframe")]
     return len(images)
 

@@ -135,7 +135,8 @@ def test_sigterm_between_two_evaluations_then_the_same_command_ends_with_the_sam
     """SIGTERM after the first evaluation, before the next: the run saves and exits 143 with the evaluations so far
     in its checkpoint; the same command then ends with the uninterrupted run's `evals`, `best`, `early_stop`, final
     model step and per-step losses, evaluates no step twice (train.log, appended by both launches, names each
-    evaluation once), and `launches` records both starts."""
+    evaluation once), and `launches` records both starts. A signal that lands on an evaluation step saves without
+    evaluating; the relaunch evaluates those weights before it trains on."""
     _, reference = selected
     expected = read_metrics(reference)
     run_dir = tmp_path / "run"

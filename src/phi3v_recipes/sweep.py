@@ -8,8 +8,9 @@ command then exits 1, naming the summary and the command that re-runs the sweep 
 jobs are kept (train.resume=auto finds their metrics.json), stopped jobs resume from their checkpoint and failed
 jobs are tried again.
 
-An Optuna study (hydra/sweeper=optuna) is summarised alike; a failed trial there is a result the study has
-recorded (Optuna was told it failed), so the command exits 1 only when no trial finished or one was stopped.
+An Optuna study (hydra/sweeper=optuna) is summarised alike. A failed trial there is a result the study has
+recorded (Optuna was told it failed) and the study goes on past it; the command still exits 1 at the end, so a
+script or scheduler never mistakes a study with failed trials for a clean one.
 """
 
 import json
@@ -108,11 +109,15 @@ class SweepSummary(Callback):
         if not unfinished:
             return
         study = str(config.hydra.sweeper.get("_target_", "")) == STUDY_SWEEPER
-        if study and any(r["status"] == "done" for r in rows) and all(r["status"] == "failed" for r in unfinished):
-            print(f"warning: {len(unfinished)} of {len(rows)} trials failed (jobs "
-                  f"{', '.join(str(r['job']) for r in unfinished)}); the study recorded them as failed trials "
-                  f"and went on. Reasons: {sweep_dir / 'summary.txt'}", file=sys.stderr, flush=True)
-            return
+        if study and all(r["status"] == "failed" for r in unfinished):
+            # Failed trials are results of the search (told to Optuna as FAIL); the study went on past them, but the
+            # command still says, by its exit code, that not every job it ran finished.
+            print(f"error: {len(unfinished)} of {len(rows)} trials failed (jobs "
+                  f"{', '.join(str(r['job']) for r in unfinished)}); the study recorded them as failed trials and "
+                  f"went on; reasons in {sweep_dir / 'summary.txt'}, the best finished trial in "
+                  f"{sweep_dir / 'optimization_results.yaml'}. To continue the study in the same directory "
+                  f"(recorded trials are kept):\n  {rerun_command(sweep_dir)}", file=sys.stderr, flush=True)
+            sys.exit(1)
         again = ("To continue the study in the same directory (stopped trials resume, recorded ones are kept)" if study
                  else "To re-run the sweep in the same directory (finished jobs are kept, stopped ones resume, failed "
                  "ones run again)")

@@ -376,8 +376,10 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(config, three_
     for checkpointing in (False, True):
         torch.manual_seed(0)
         model = Phi3VForCausalLM._from_config(config, attn_implementation="eager").train()
-        if checkpointing:
+        if checkpointing and hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif checkpointing:  # its name before transformers 5.2x (the GPU image's 5.17)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             assert model.model.vision_embed_tokens.img_processor.vision_model.encoder.layers[0].gradient_checkpointing
         loss = model(input_ids=ids, pixel_values=pixels, image_sizes=sizes, labels=ids.clamp(min=0),
                      use_cache=False).loss

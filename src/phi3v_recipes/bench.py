@@ -149,7 +149,10 @@ def build_model(cfg: DictConfig, device: torch.device) -> torch.nn.Module:
     else:
         model = model.to(device)  # trained weights stay fp32: the master weights (bf16 autocast on GPU)
     if cfg.train.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:  # its name before transformers 5.2x (the GPU image's 5.17)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = apply_strategy(model, cfg)
     for p in model.parameters():  # adapters (and anything trained) in fp32
         if p.requires_grad and p.dtype != torch.float32:

@@ -263,7 +263,7 @@ class Trackers:
         self.run_dir = run_dir
         self.trackers = trackers
         self.open_trackers = list(trackers)  # not finished yet
-        self.stopped = False
+        self.trainer: Any = None  # set by `callback`: whether a stop signal ended the launch
         self._save_record()
         if trackers:
             atexit.register(self._close_unfinished)
@@ -304,7 +304,8 @@ class Trackers:
         return cls(run_dir, trackers)
 
     def callback(self, trainer: Any) -> "TrackerCallback":
-        """The callback for `trainer` (a `RecipeTrainer`: its per-step records, evaluations and `stopped_by`)."""
+        """The callback for `trainer` (a `RecipeTrainer`: its per-step records, evaluations and stop signals)."""
+        self.trainer = trainer
         return TrackerCallback(self, trainer)
 
     def send(self, steps: list[dict[str, Any]], evals: dict[int, dict[str, float]], upto: int) -> None:
@@ -339,9 +340,12 @@ class Trackers:
         self._save_record()
 
     def _close_unfinished(self) -> None:
+        signals = getattr(self.trainer, "stop_signals", None)
+        stopped = self.trainer is not None and (self.trainer.stopped_by is not None
+                                                or (signals is not None and signals.received is not None))
         for tracker in self.open_trackers:
             try:
-                tracker.finish({}, 0, "KILLED" if self.stopped else "FAILED")
+                tracker.finish({}, 0, "KILLED" if stopped else "FAILED")
             except Exception as err:  # noqa: BLE001 - the process is exiting; the run stays RUNNING in the tracker
                 log.warning("%s: could not close run %s (%s)", tracker.name, tracker.run_id, err)
         self.open_trackers = []
@@ -380,4 +384,3 @@ class TrackerCallback(TrainerCallback):
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._send(state.global_step)
-        self.trackers.stopped = self.trainer.stopped_by is not None

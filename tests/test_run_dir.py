@@ -94,8 +94,8 @@ def test_the_keys_that_decide_the_weights_are_governed_and_the_rest_may_change()
         else:
             raise AssertionError(f"{key} may not change on resume")
     now = saved.copy()
-    for key, value in {"train.max_steps": 99, "data.num_workers": 5, "eval.batch_size": 3, "report_to": "none",
-                       "model.attn_implementation": "eager"}.items():
+    for key, value in {"train.max_steps": 99, "data.num_workers": 5, "data.screen_workers": 1, "eval.batch_size": 3,
+                       "report_to": "none", "model.attn_implementation": "eager"}.items():
         OmegaConf.update(now, key, value)
-    assert len(check_same_run(saved, now)) == 5
+    assert len(check_same_run(saved, now)) == 6
     assert all(key.startswith(SAME_RUN) for key in MAY_CHANGE)

@@ -18,6 +18,7 @@ BAD_SETTINGS = [
     ("data.max_length=0", "data.max_length=0 is out of range"),
     ("data.num_workers=-1", "data.num_workers=-1 is out of range"),
     ("data.max_image_pixels=many", "data.max_image_pixels='many' is not a whole number"),
+    ("data.screen_workers=0", "data.screen_workers=0 is out of range; give a whole number >= 1 (or null)"),
     ("data.packing=yes", "data.packing='yes' is not true or false"),
     ("data.max_tokens_per_row=0", "data.max_tokens_per_row=0 is out of range"),
     ("data.group_by_length=2", "data.group_by_length=2 is not true or false"),

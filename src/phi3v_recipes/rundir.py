@@ -42,6 +42,7 @@ RECORD = "config.yaml"  # the resolved configuration that trains the run's weigh
 METRICS = "metrics.json"  # written when a run finishes: its presence marks a finished run
 PREVIOUS_METRICS = "metrics.previous.json"  # a finished run's metrics, once a longer run extends it
 SKIPPED = "skipped.txt"  # one problem sentence per bad sample dropped under data.on_error=skip
+STATUS = "status.json"  # how the last launch ended: done, failed or stopped, with its reason (status.py)
 
 # Groups (dotted prefixes of the composed config) that decide which weights a run produces: a resume must keep them.
 SAME_RUN = ("model.", "task.", "strategy.", "optim.", "train.", "data.", "hardware.precision")

@@ -31,8 +31,8 @@ from omegaconf import DictConfig
 from phi3v_recipes.cli import exit_on_user_error, log_to_files
 from phi3v_recipes.cluster import in_submitit_job, rank
 from phi3v_recipes.files import atomic_write_text
+from phi3v_recipes.rundir import METRICS, STATUS
 
-STATUS_FILE = "status.json"
 STATUSES = ("done", "failed", "stopped")
 
 log = logging.getLogger("phi3v_recipes")
@@ -42,12 +42,12 @@ def write_status(run_dir: Path, status: str, reason: str, exit_code: int) -> Non
     """Record how the launch in `run_dir` ended (atomically)."""
     assert status in STATUSES, status
     record = {"status": status, "reason": reason, "exit_code": exit_code}
-    atomic_write_text(run_dir / STATUS_FILE, json.dumps(record, indent=2) + "\n")
+    atomic_write_text(run_dir / STATUS, json.dumps(record, indent=2) + "\n")
 
 
 def read_status(run_dir: Path) -> dict[str, Any] | None:
     """The recorded status of `run_dir`, or None when no launch recorded one."""
-    path = run_dir / STATUS_FILE
+    path = run_dir / STATUS
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (FileNotFoundError, json.JSONDecodeError):
@@ -106,7 +106,7 @@ def train_and_record(run: Callable[[DictConfig], dict[str, Any]], cfg: DictConfi
     sweep goes on; one that a stop signal ended stops the sweep (see the module docstring)."""
     job_dir, main, multirun = _job_dir(cfg), rank() == 0, _multirun()
     if main and job_dir is not None:
-        (job_dir / STATUS_FILE).unlink(missing_ok=True)
+        (job_dir / STATUS).unlink(missing_ok=True)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)}
     seen: list[BaseException] = []
 
@@ -160,7 +160,7 @@ def train_and_record(run: Callable[[DictConfig], dict[str, Any]], cfg: DictConfi
 
 
 def _read_metrics(job_dir: Path | None) -> dict[str, Any]:
-    path = job_dir / "metrics.json" if job_dir is not None else None
+    path = job_dir / METRICS if job_dir is not None else None
     return json.loads(path.read_text(encoding="utf-8")) if path is not None and path.is_file() else {}
 
 

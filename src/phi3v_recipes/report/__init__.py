@@ -25,6 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from phi3v_recipes.errors import ConfigError
 from phi3v_recipes.files import atomic_write_text
+from phi3v_recipes.rundir import METRICS, RECORD
 
 log = logging.getLogger("phi3v_recipes")
 
@@ -62,7 +63,7 @@ def write_report(directory: str | Path, settings: DictConfig | None = None,
         settings = settings if settings is not None else load_settings()
         if is_sweep(directory):
             html = sweep_page(read_sweep(directory), settings)
-        elif (directory / "config.yaml").is_file() or (directory / "metrics.json").is_file():
+        elif (directory / RECORD).is_file() or (directory / METRICS).is_file():
             html = run_page(read_run(directory), settings)
         else:
             raise ConfigError(f"{directory} holds neither a run (config.yaml, metrics.json) nor a sweep (numbered "

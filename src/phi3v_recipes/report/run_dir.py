@@ -19,7 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from phi3v_recipes.rundir import RECORD, checkpoints
+from phi3v_recipes.rundir import METRICS, RECORD, SKIPPED, STATUS, checkpoints
 from phi3v_recipes.trainer import RECIPE_STATE
 
 Points = list[tuple[int, float]]
@@ -86,8 +86,8 @@ def read_json(path: Path) -> Any:
 def read_run(run_dir: Path) -> RunRecord:
     """Everything the report shows about the run in `run_dir`, from whichever files it has."""
     run_dir = Path(run_dir).resolve()
-    metrics = read_json(run_dir / "metrics.json") or {}
-    record = RunRecord(run_dir=run_dir, metrics=metrics, status=read_json(run_dir / "status.json"))
+    metrics = read_json(run_dir / METRICS) or {}
+    record = RunRecord(run_dir=run_dir, metrics=metrics, status=read_json(run_dir / STATUS))
     _read_curves(record)
     launches = metrics.get("launches")
     if launches:
@@ -98,7 +98,7 @@ def read_run(run_dir: Path) -> RunRecord:
         record.resumes = [int(step) for step in _RESUMED.findall(text)]
     config = run_dir / RECORD
     record.config_text = config.read_text(encoding="utf-8") if config.is_file() else None
-    skipped = run_dir / "skipped.txt"
+    skipped = run_dir / SKIPPED
     lines = skipped.read_text(encoding="utf-8").splitlines() if skipped.is_file() else []
     record.skipped = list(dict.fromkeys(line for line in lines if line))
     return record
@@ -107,7 +107,7 @@ def read_run(run_dir: Path) -> RunRecord:
 def _read_curves(record: RunRecord) -> None:
     steps = record.metrics.get("steps")
     if steps:
-        record.curves_from = "metrics.json"
+        record.curves_from = METRICS
         for name, points in (("loss", record.losses), ("learning_rate", record.learning_rates),
                              ("grad_norm", record.grad_norms)):
             points += [(int(s["step"]), float(s[name])) for s in steps if s.get(name) is not None]

@@ -120,4 +120,5 @@ def load_image(
         if frames > 1 and notes is not None:
             notes.append(f"{sample.where}: note: image {ref} is animated ({frames} frames); only its first frame "
                          "is used.")
-        return to_rgb8(ImageOps.exif_transpose(image))
+        ImageOps.exif_transpose(image, in_place=True)  # upright; no copy of the (often large) page when it already is
+        return to_rgb8(image)

@@ -173,7 +173,9 @@ def resume_point(resume: Any, run_dir: Path, extends: bool = False) -> str | Non
                       "(one with a trainer_state.json).")
 
 
-def _flatten(cfg: DictConfig) -> dict[str, Any]:
+def flat_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved configuration as `group.key: value` (`optim.lr: 2e-05`, `optim.betas: [0.9, 0.95]`): what a
+    resume compares and what the trackers log as parameters."""
     flat: dict[str, Any] = {}
 
     def walk(node: Any, prefix: str) -> None:
@@ -199,7 +201,7 @@ def check_same_run(saved: DictConfig, now: DictConfig, trained_by: str = "this r
     Raises ConfigError naming every governed key that differs, with both values; returns the changes that are
     allowed (`key: old -> new`), for the log.
     """
-    old, new = _flatten(saved), _flatten(now)
+    old, new = flat_config(saved), flat_config(now)
     forbidden, allowed = [], []
     for key in sorted(old.keys() | new.keys()):
         before, after = old.get(key, "<absent>"), new.get(key, "<absent>")

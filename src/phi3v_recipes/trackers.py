@@ -37,6 +37,7 @@ from transformers import TrainerCallback
 
 from phi3v_recipes.errors import ConfigError
 from phi3v_recipes.files import atomic_write_text
+from phi3v_recipes.rundir import flat_config
 
 log = logging.getLogger("phi3v_recipes")
 
@@ -89,21 +90,6 @@ def check(cfg: DictConfig) -> None:
 
 def mlflow_uri(cfg: DictConfig) -> str | None:
     return OmegaConf.select(cfg, "tracker.mlflow.tracking_uri")
-
-
-def flat_config(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved configuration as `group.key: value` (`optim.lr: 2e-05`, `optim.betas: [0.9, 0.95]`)."""
-    flat: dict[str, Any] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(value, f"{prefix}{key}.")
-        else:
-            flat[prefix[:-1]] = node
-
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
-    return flat
 
 
 def sweep_dir() -> Path | None:

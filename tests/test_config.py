@@ -167,14 +167,16 @@ def test_unknown_task_names_the_available_ones():
 
 def test_cli_cfg_job_shows_zero2_bf16_flash_and_the_seed_lr(tmp_path):
     """`--cfg job` for task=nlvr2 strategy=full hardware=a100 prints the composed config: ZeRO stage 2, bf16,
-    flash attention, lr 1e-5 and 3 epochs."""
-    out = run_cli(["--cfg", "job", "task=nlvr2", "strategy=full", "hardware=a100"], cwd=tmp_path)
+    the profile's attention (flash-attention, or FlexAttention without flash-attn), lr 1e-5 and 3 epochs."""
+    out = run_cli(["--cfg", "job", "--resolve", "task=nlvr2", "strategy=full", "hardware=a100"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     cfg = OmegaConf.create(out.stdout)
     assert cfg.strategy.deepspeed.zero_optimization.stage == 2
-    assert cfg.hardware.precision == "bf16" and cfg.model.attn_implementation == "flash_attention_2"
+    # the a100 profile's attention: flash-attention where flash-attn is installed, else FlexAttention
+    gpu_attention = "flash_attention_2" if importlib.util.find_spec("flash_attn") else "flex_attention"
+    assert cfg.hardware.precision == "bf16" and cfg.model.attn_implementation == gpu_attention
     assert cfg.optim.lr == 1e-5 and cfg.train.epochs == 3
-    assert "stage: 2" in out.stdout and "flash_attention_2" in out.stdout and "lr: 1.0e-05" in out.stdout
+    assert "stage: 2" in out.stdout and gpu_attention in out.stdout and "lr: 1.0e-05" in out.stdout
 
 
 def test_an_unreachable_model_is_one_sentence_naming_the_setting(tmp_path):

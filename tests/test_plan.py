@@ -61,7 +61,8 @@ def test_plan_entrypoint_writes_json_with_the_largest_fitting_batch(tmp_path):
     assert not list(tmp_path.glob("outputs")) and not (tmp_path / "train.log").exists()
     limit = result["max_batch_size"]
     assert limit >= 1
-    bigger = plan("task=nlvr2", "strategy=lora", "hardware=v100", "world_size=2", f"train.batch_size={limit + 1}")
+    bigger = plan("task=nlvr2", "strategy=lora", "hardware=v100", "world_size=2", f"train.batch_size={limit + 1}",
+                  f"train.global_batch_size={2 * (limit + 1)}")  # a global batch the larger batch divides
     assert bigger["fits"] is False
 
 

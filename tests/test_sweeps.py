@@ -48,12 +48,13 @@ def test_a_sweep_goes_on_after_a_diverging_and_a_bad_value_job_and_its_rerun_kee
     rerun = shlex.split(out.stderr.split(line, 1)[1].strip().splitlines()[0])
     assert rerun[:4] == ["python", "-m", "phi3v_recipes", "-m"] and rerun[-1] == f"hydra.sweep.dir={sweep}"
 
-    finished = {p: p.stat().st_mtime_ns for p in (sweep / "0").iterdir() if p.suffix in (".json", ".safetensors")
-                and p.name != "status.json"}
+    finished = {p: p.stat().st_mtime_ns for p in (sweep / "0").iterdir() if p.suffix in (".json", ".safetensors")}
+    done = status(sweep / "0")
     again = run_cli(rerun[3:], cwd=tmp_path)
     assert again.returncode == 1, again.stderr[-3000:]
+    # the finished job is untouched, its status.json included: it still says how the run that trained it ended
     assert {p: p.stat().st_mtime_ns for p in finished} == finished
-    assert status(sweep / "0")["status"] == "done" and "trained nothing" in status(sweep / "0")["reason"]
+    assert status(sweep / "0") == done
     assert status(sweep / "1")["reason"].startswith("training diverged at step")  # tried again, failed again
     assert "training diverged" in (sweep / "1" / "train.log").read_text().split("command: ")[-1]
     assert status(sweep / "2") == bad

@@ -39,7 +39,8 @@ def exit_on_user_error(run: Callable[[DictConfig], T], cfg: DictConfig) -> T:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
     except RunStopped as stop:
-        log_to_files(str(stop), logging.INFO if stop.exit_code == 0 else logging.ERROR)
+        if not stop.logged:
+            log_to_files(str(stop), logging.INFO if stop.exit_code == 0 else logging.ERROR)
         if stop.exit_code == 0:
             print(stop, flush=True)
         else:

@@ -26,6 +26,7 @@ class RunStopped(Exception):
     def __init__(self, message: str, exit_code: int = 1):
         super().__init__(message)
         self.exit_code = exit_code
+        self.logged = False  # True once the sentence is in the run's log (cli.exit_on_user_error then skips it)
 
     def __reduce__(self) -> tuple:  # keeps the exit code when broadcast to other ranks
         return (type(self), (str(self), self.exit_code))

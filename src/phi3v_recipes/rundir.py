@@ -313,6 +313,18 @@ def open_run_dir(cfg: DictConfig, run_dir: Path, main: bool) -> tuple[RunLock | 
     return lock, outcome
 
 
+_OPENED: set[Path] = set()  # run directories this process opened to train in (rank 0)
+
+
+def owns_status(run_dir: Path) -> bool:
+    """Whether this launch may record how it ended in `run_dir`'s status.json: it opened the directory to train
+    there, or the directory holds no run (a fresh run or sweep job that failed before it began). A launch that was
+    refused (another run's settings, a finished run, a busy lock) leaves the run's own record alone."""
+    if run_dir.resolve() in _OPENED:
+        return True
+    return not ((run_dir / RECORD).exists() or (run_dir / METRICS).exists() or checkpoints(run_dir))
+
+
 def _open_run_dir(cfg: DictConfig, run_dir: Path) -> tuple[RunLock, str | None]:
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = RunLock(run_dir)
@@ -335,6 +347,8 @@ def _open_run_dir(cfg: DictConfig, run_dir: Path) -> tuple[RunLock, str | None]:
         record(cfg, run_dir)
     if resume is not None and (run_dir / METRICS).is_file():  # a finished run, extended: no longer final
         os.replace(run_dir / METRICS, run_dir / PREVIOUS_METRICS)
+    (run_dir / STATUS).unlink(missing_ok=True)  # this launch trains here: how it ends replaces how the last one did
+    _OPENED.add(run_dir.resolve())
     log.info("%s", f"resuming from {resume}" if resume else f"starting a new run in {run_dir} (if it is interrupted: "
              f"{resume_command(run_dir)} to resume)")
     return lock, resume

@@ -2,11 +2,13 @@
 
     {"status": "done" | "failed" | "stopped", "reason": "<one sentence>", "exit_code": <int>}
 
-Every launch of `python -m phi3v_recipes` writes it when it ends (rank 0; single runs and sweep jobs alike):
-done (exit 0: trained, or found the run already finished), stopped (a stop signal saved a checkpoint: exit
+Every launch of `python -m phi3v_recipes` that trains in a run directory, or fails before a fresh one holds a
+run, writes it when it ends (rank 0; single runs and sweep jobs alike): done (exit 0), stopped (a stop signal saved a checkpoint: exit
 128 + the signal; the same command continues it) or failed (a configuration or data mistake: 2, divergence: 1,
 out of memory or any other exception: 1). A launch that is killed outright (kill -9, the OOM killer) writes
-nothing, and a stale file from an earlier launch is removed when the next one starts.
+nothing; a stale file from an earlier launch is removed when the next one opens the directory to train. A
+launch refused at the door of an existing run (a finished run relaunched, other settings, a busy lock) leaves the
+run's own status alone (`rundir.owns_status`).
 
 In a sweep (`-m`) a failed job must not end the sweep: `train_and_record` then returns instead of raising, and
 the sweep goes on to its next job (`sweep.SweepSummary` tabulates every job's status at the end). A stopped job
@@ -31,7 +33,7 @@ from omegaconf import DictConfig
 from phi3v_recipes.cli import exit_on_user_error, log_to_files
 from phi3v_recipes.cluster import in_submitit_job, rank
 from phi3v_recipes.files import atomic_write_text
-from phi3v_recipes.rundir import METRICS, STATUS
+from phi3v_recipes.rundir import METRICS, STATUS, owns_status
 
 STATUSES = ("done", "failed", "stopped")
 
@@ -105,8 +107,6 @@ def train_and_record(run: Callable[[DictConfig], dict[str, Any]], cfg: DictConfi
     A single run exits as before (its code, its one sentence). A sweep job that fails returns None so that the
     sweep goes on; one that a stop signal ended stops the sweep (see the module docstring)."""
     job_dir, main, multirun = _job_dir(cfg), rank() == 0, _multirun()
-    if main and job_dir is not None:
-        (job_dir / STATUS).unlink(missing_ok=True)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)}
     seen: list[BaseException] = []
 
@@ -118,7 +118,7 @@ def train_and_record(run: Callable[[DictConfig], dict[str, Any]], cfg: DictConfi
             raise
 
     def record(status: str, reason: str, exit_code: int) -> None:
-        if main and job_dir is not None and job_dir.is_dir():
+        if main and job_dir is not None and job_dir.is_dir() and owns_status(job_dir):
             write_status(job_dir, status, reason, exit_code)
 
     try:

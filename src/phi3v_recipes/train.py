@@ -176,11 +176,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     result = trainer.train(resume_from_checkpoint=resume)
     step = trainer.state.global_step
 
-    def stop(by: str) -> RunStopped:  # the stop sentence: logged and printed once, by cli.exit_on_user_error
+    def stop(by: str) -> RunStopped:  # the stop sentence: logged here, printed once by cli.exit_on_user_error
+        stopped = RunStopped(f"stopped by {by} at step {step}: checkpoint-{step} is saved in {run_dir}; "
+                             f"{resume_command(run_dir)} to resume.",
+                             exit_code=128 + (stop_signals.received or signal.SIGTERM))
+        log_to_files(str(stopped), logging.WARNING)  # before the launcher's handler, which may end the process
+        stopped.logged = True
         stop_signals.chain()  # a cluster launcher's handler may requeue the job here
-        return RunStopped(f"stopped by {by} at step {step}: checkpoint-{step} is saved in {run_dir}; "
-                          f"{resume_command(run_dir)} to resume.",
-                          exit_code=128 + (stop_signals.received or signal.SIGTERM))
+        return stopped
 
     if trainer.stopped_by:
         raise stop(trainer.stopped_by)

@@ -93,10 +93,16 @@ def mlflow_points(client, run_id: str, key: str) -> list[tuple[int, float]]:
 
 
 @pytest.fixture(scope="module")
-def interrupted(tmp_path_factory) -> dict:
+def store(tmp_path_factory) -> Path:
+    """A directory whose mlflow.db is the module's MLflow store (its schema is made once)."""
+    return tmp_path_factory.mktemp("tracked")
+
+
+@pytest.fixture(scope="module")
+def interrupted(store) -> dict:
     """One tracked run launched three times with the same command: killed with SIGKILL after step 5 (checkpoint 3
     saved), stopped with SIGTERM after step 7, then run to the end. What MLflow held after each launch is kept."""
-    root = tmp_path_factory.mktemp("tracked")
+    root = store
     run_dir = root / "run"
     args = tracked(root, f"run.output_dir={run_dir}")
     client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
@@ -180,14 +186,14 @@ def test_wandb_offline_run_continues_across_launches_with_each_step_once(interru
     assert config["optim.lr"] == 2e-3 and config["task.name"] == "demo"
 
 
-def test_a_sweep_is_one_experiment_and_one_wandb_group(tmp_path):
+def test_a_sweep_is_one_experiment_and_one_wandb_group(store, tmp_path):
     """`-m optim.lr=1e-3,2e-3`: both jobs go to one MLflow experiment named after the sweep directory (one run
     each, with its own optim.lr) and share a wandb group named after it too."""
     sweep = tmp_path / "sweep"
-    out = run_cli(["-m", *tracked(tmp_path, "train.epochs=1", "train.max_steps=1", "eval.after=false"),
+    out = run_cli(["-m", *tracked(store, "train.epochs=1", "train.max_steps=1", "eval.after=false"),
                    "optim.lr=1e-3,3e-3", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow.MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
     experiment = client.get_experiment_by_name(str(sweep.resolve()))
     runs = client.search_runs([experiment.experiment_id])
     assert sorted(float(r.data.params["optim.lr"]) for r in runs) == [1e-3, 3e-3]

@@ -267,6 +267,14 @@ def run_config(path: str | Path) -> DictConfig | None:
     return None
 
 
+def read_metrics(run_dir: Path) -> dict[str, Any]:
+    """The finished run's `metrics.json`, or {} when there is none yet (or it is not valid JSON)."""
+    try:
+        return json.loads((run_dir / METRICS).read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
 def read_skipped(run_dir: Path) -> list[str]:
     """The distinct problems listed in `<run dir>/skipped.txt` (before and during training, over every launch)."""
     path = run_dir / SKIPPED

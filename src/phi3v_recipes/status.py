@@ -33,7 +33,7 @@ from omegaconf import DictConfig
 from phi3v_recipes.cli import exit_on_user_error, log_to_files
 from phi3v_recipes.cluster import in_submitit_job, rank
 from phi3v_recipes.files import atomic_write_text
-from phi3v_recipes.rundir import METRICS, STATUS, owns_status
+from phi3v_recipes.rundir import STATUS, owns_status, read_metrics
 
 STATUSES = ("done", "failed", "stopped")
 
@@ -135,7 +135,7 @@ def train_and_record(run: Callable[[DictConfig], dict[str, Any]], cfg: DictConfi
         if not multirun:
             raise
         if status == "done":  # a finished job of an earlier launch of this sweep: nothing was trained
-            return selection_score(_read_metrics(job_dir))
+            return selection_score(read_metrics(job_dir) if job_dir is not None else {})
         _restore(handlers)
         if status == "stopped" and not in_submitit_job():
             _stop_sweep(exit_code)
@@ -157,11 +157,6 @@ def train_and_record(run: Callable[[DictConfig], dict[str, Any]], cfg: DictConfi
     record("done", f"trained {metrics.get('global_steps')} steps; selection score "
            f"{'none (no evaluation)' if score is None else f'{score:.4f}'}", 0)
     return score
-
-
-def _read_metrics(job_dir: Path | None) -> dict[str, Any]:
-    path = job_dir / METRICS if job_dir is not None else None
-    return json.loads(path.read_text(encoding="utf-8")) if path is not None and path.is_file() else {}
 
 
 def _restore(handlers: dict[int, Any]) -> None:

@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 
 from phi3v_recipes.files import atomic_write_text
 from phi3v_recipes.report import write_report
-from phi3v_recipes.rundir import METRICS
+from phi3v_recipes.rundir import read_metrics
 from phi3v_recipes.status import read_status, selection_score
 
 COLUMNS = ("selection_score", "eval_before", "eval_after", "train_loss", "train_samples_per_second", "wall_time_s")
@@ -41,8 +41,7 @@ def job_row(job: Path) -> dict[str, Any]:
     """One job's row: overrides, status and reason, and its final metrics."""
     overrides_file = job / ".hydra" / "overrides.yaml"
     overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
-    metrics_file = job / METRICS
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    metrics = read_metrics(job)
     status = read_status(job)
     if status is None:
         status = ({"status": "done", "reason": "finished (recorded before status.json existed)"} if metrics else

@@ -19,7 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from phi3v_recipes.rundir import METRICS, RECORD, SKIPPED, STATUS, checkpoints
+from phi3v_recipes.rundir import METRICS, RECORD, SKIPPED, STATUS, checkpoints, read_metrics
 from phi3v_recipes.trainer import RECIPE_STATE
 
 Points = list[tuple[int, float]]
@@ -86,7 +86,7 @@ def read_json(path: Path) -> Any:
 def read_run(run_dir: Path) -> RunRecord:
     """Everything the report shows about the run in `run_dir`, from whichever files it has."""
     run_dir = Path(run_dir).resolve()
-    metrics = read_json(run_dir / METRICS) or {}
+    metrics = read_metrics(run_dir)
     record = RunRecord(run_dir=run_dir, metrics=metrics, status=read_json(run_dir / STATUS))
     _read_curves(record)
     launches = metrics.get("launches")

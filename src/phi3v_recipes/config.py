@@ -191,7 +191,6 @@ def validate(cfg: DictConfig, world: int | None = None) -> None:
     _require(OmegaConf.is_list(betas) and len(betas) == 2, f"optim.betas={betas}: give two numbers, [beta1, beta2].")
     check_settings(cfg)
     check_on_error(cfg.data.on_error)
-    check_scheduler(cfg.optim.scheduler)
     _require(
         cfg.train.epochs > 0 or cfg.train.max_steps > 0,
         f"train.epochs={cfg.train.epochs} with train.max_steps={cfg.train.max_steps} trains nothing; set "
@@ -203,12 +202,14 @@ def validate(cfg: DictConfig, world: int | None = None) -> None:
         "null; set eval.every_steps=N as well, or eval.patience=null.",
     )
     check_output_dir(output_dir(cfg))
+    gradient_accumulation(cfg, world)
+    check_hardware(cfg, training=True)
+    # the checks below import transformers or bitsandbytes (seconds): a mistake above is found without them
+    check_scheduler(cfg.optim.scheduler)
     if "report_to" in cfg:
         from phi3v_recipes.trackers import check as check_trackers
 
         check_trackers(cfg)
-    gradient_accumulation(cfg, world)
-    check_hardware(cfg, training=True)
     if strategy.get("quantization"):
         try:
             import bitsandbytes  # noqa: F401

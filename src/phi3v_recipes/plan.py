@@ -176,8 +176,6 @@ def _longest(samples: list) -> Any:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    from phi3v_recipes.workload import draw_workload
-
     world = int(cfg.world_size)
     if world < 1:
         raise ConfigError(f"world_size={world} must be >= 1.")
@@ -190,6 +188,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("workload") is None:
         raise ConfigError(f"task={cfg.task.name} has no workload shape (conf/workload/{cfg.task.name}.yaml); pick "
                           "workload=docvqa, hateful_memes or nlvr2 as the closest shape.")
+    # transformers and the model code load only after the checks above, so that a mistake is answered at once
+    from phi3v_recipes.workload import draw_workload
+
     model = MemoryModel(cfg, world)
     num_img_tokens = model.config.img_processor["num_img_tokens"]
     samples = draw_workload(cfg.workload, cfg.data.num_crops, num_img_tokens, cfg.plan.workload_seed,

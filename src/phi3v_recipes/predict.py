@@ -9,16 +9,21 @@ nothing. Configuration: conf/predict.yaml; the processor settings saved with the
 included) are used unless the command line overrides them.
 """
 
+from __future__ import annotations
+
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 from omegaconf import DictConfig
 
 from phi3v_recipes.cli import exit_on_user_error, one_sentence_errors, register_resolvers
 from phi3v_recipes.config import check_hardware, check_output_dir, check_settings
-from phi3v_recipes.data.sample import Sample
 from phi3v_recipes.errors import ConfigError, SampleError
+
+if TYPE_CHECKING:  # the data and model modules load transformers: imported where a command needs them
+    from phi3v_recipes.data.sample import Sample
 
 register_resolvers()
 
@@ -58,6 +63,12 @@ def repeated_ids(samples: list[Sample]) -> str | None:
 
 def run(cfg: DictConfig) -> int:
     """Answer every unanswered conversation of cfg.input into cfg.output; return how many were answered now."""
+    if not cfg.get("input") or not cfg.get("output"):
+        raise ConfigError("predict needs input=<conversations.jsonl> and output=<answers.jsonl>.")
+    check_settings(cfg, nullable=["data.num_crops"])
+    check_hardware(cfg)
+    check_output_dir(cfg.output, "output", file=True)
+    # the data and model code (transformers) load after the checks above, so that a mistake is answered at once
     from tqdm.auto import tqdm
 
     from phi3v_recipes.data.encode import generation_prompt
@@ -65,11 +76,6 @@ def run(cfg: DictConfig) -> int:
     from phi3v_recipes.evaluation import answer_batch, stop_token_ids
     from phi3v_recipes.loading import load_for_inference
 
-    if not cfg.get("input") or not cfg.get("output"):
-        raise ConfigError("predict needs input=<conversations.jsonl> and output=<answers.jsonl>.")
-    check_settings(cfg, nullable=["data.num_crops"])
-    check_hardware(cfg)
-    check_output_dir(cfg.output, "output", file=True)
     samples, problems = read_jsonl(cfg.input, cfg.image_root, require_answers=False)
     if problems:
         raise SampleError(f"{len(problems)} bad line(s) in {cfg.input}; fix them first:\n  " + "\n  ".join(problems[:10]))

@@ -20,7 +20,6 @@ and `report.html` (report/).
 import json
 import logging
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import TrainingArguments, set_seed
 
 from phi3v_recipes.cli import log_to_files
-from phi3v_recipes.cluster import launch_overrides, output_dir, resume_command, world_size
+from phi3v_recipes.cluster import output_dir, resume_command, world_size
 from phi3v_recipes.config import gradient_accumulation, uses_deepspeed, validate
 from phi3v_recipes.data.collate import build_collator
 from phi3v_recipes.data.dataset import EncodedDataset
@@ -94,8 +93,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Train and evaluate as `cfg` says; return the metrics (also written to <run dir>/metrics.json)."""
     start, launch_started = time.perf_counter(), time.time()
     logging.captureWarnings(True)  # library warnings go to train.log too
-    log.info("command: %s", " ".join(sys.orig_argv))
-    log.info("overrides: %s", " ".join(launch_overrides()) or "none")
     validate(cfg)
     run_dir = output_dir(cfg)
     args = training_arguments(cfg, run_dir)

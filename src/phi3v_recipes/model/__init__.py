@@ -3,7 +3,7 @@
 Importing this package registers the classes with transformers' Auto classes, for the model type `phi3_v`
 that official checkpoints and our saved directories both declare, so no `trust_remote_code` is needed:
 
-    >>> import phi3v_recipes  # noqa: F401
+    >>> import phi3v_recipes.model  # noqa: F401
     >>> model = AutoModelForCausalLM.from_pretrained("microsoft/Phi-3.5-vision-instruct")
     >>> processor = AutoProcessor.from_pretrained("microsoft/Phi-3.5-vision-instruct")
 """

@@ -28,9 +28,10 @@ $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 demo: setup
 	$(BIN)/python -m phi3v_recipes
 
+# The suite runs one test module per core (pytest-xdist); tests/conftest.py shares the cores and the trained runs.
 test: setup
 	$(BIN)/ruff check src tests conf
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --dist loadfile
 
 lint: setup
 	$(BIN)/ruff check src tests conf

@@ -1,4 +1,9 @@
-"""Shared helpers: running the public entrypoint in a subprocess, offline, and composing configs."""
+"""Shared helpers: running the public entrypoint in a subprocess, offline, composing configs, and training runs
+that many tests read once per session.
+
+`make test` runs the suite on every core with pytest-xdist (`-n auto`, one test module per worker): each worker
+and the processes its tests start then use their share of the cores (`pytest_configure`), and a run shared by
+tests of several modules is trained by the first worker that needs it while the others wait (`shared_run`)."""
 
 import json
 import os
@@ -7,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 from hydra import compose, initialize_config_module
 
 from phi3v_recipes.cli import register_resolvers
@@ -23,6 +29,21 @@ SMALL_DEMO = (
     "optim.warmup_steps=2",
     "eval.batch_size=8",
 )
+
+# 48 samples, global batch 16 of 8 x 2 accumulation: 3 optimizer steps per epoch, 9 in all (the runs that are
+# interrupted and relaunched: test_preemption.py, test_failure_paths.py).
+NINE_STEPS = ("task.train_size=48", "task.eval_size=8", "train.epochs=3", "train.logging_steps=1",
+              "train.save_steps=100", "optim.warmup_steps=2", "eval.before=false", "eval.after=false")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under xdist, each worker (and every process its tests start) uses cores / workers threads: PyTorch's
+    default of one thread per core in every worker would oversubscribe the machine and spin."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        os.environ.setdefault("OMP_NUM_THREADS", threads)
+        os.environ.setdefault("MKL_NUM_THREADS", threads)
 
 
 def offline_env(**extra: str) -> dict[str, str]:
@@ -92,10 +113,35 @@ def compose_config(*overrides: str):
         return compose(config_name="train", overrides=list(overrides))
 
 
+def shared_run(tmp_path_factory: pytest.TempPathFactory, name: str, args: list[str],
+               module: str = "phi3v_recipes") -> tuple[subprocess.CompletedProcess, Path]:
+    """`python -m <module> args run.output_dir=<dir>` once per test session, for the tests of every module that
+    read it: the first xdist worker to ask trains it under a file lock in the session's shared temporary directory
+    (the parent of the workers' own), and the others wait for it and read its recorded output. Tests must not
+    change the run."""
+    root = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        root = root.parent
+    home, record = root / f"shared-{name}", root / f"shared-{name}.json"
+    with FileLock(str(root / f"shared-{name}.lock")):
+        if not record.is_file():
+            home.mkdir()
+            out = run_cli([*args, f"run.output_dir={home / 'run'}"], cwd=home, module=module)
+            record.write_text(json.dumps({"args": out.args, "returncode": out.returncode, "stdout": out.stdout,
+                                          "stderr": out.stderr}))
+    out = subprocess.CompletedProcess(**json.loads(record.read_text()))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out, home / "run"
+
+
 @pytest.fixture(scope="session")
 def default_demo(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     """README's main job, run once per session: `python -m phi3v_recipes` with no task options."""
-    root = tmp_path_factory.mktemp("default_demo")
-    out = run_cli([f"run.output_dir={root / 'run'}"], cwd=root)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out, root / "run"
+    return shared_run(tmp_path_factory, "default_demo", [])
+
+
+@pytest.fixture(scope="session")
+def three_steps(tmp_path_factory) -> Path:
+    """A finished 3-step run of NINE_STEPS with checkpoint-3 (its config.yaml records the demo's optim.lr=0.003),
+    trained once per session; tests that continue it work on a copy."""
+    return shared_run(tmp_path_factory, "three_steps", [*NINE_STEPS, "train.max_steps=3", "train.save_steps=3"])[1]

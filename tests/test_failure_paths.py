@@ -6,29 +6,16 @@ import os
 import shutil
 import signal
 import subprocess
-from pathlib import Path
-
-import pytest
 
 from tests.conftest import offline_env, read_metrics, run_parallel
 from tests.test_preemption import _small_file_limit, command, logged, start, wait_for
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> Path:
-    """A finished 3-step full run with checkpoint-3 (its config.yaml records optim.lr=0.003, the demo's)."""
-    root = tmp_path_factory.mktemp("finished")
-    out = subprocess.run(command(root / "run", "train.max_steps=3", "train.save_steps=3"), cwd=root,
-                         env=offline_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return root / "run"
-
-
-def test_resuming_another_runs_checkpoint_is_checked_like_a_resume_in_place(finished, tmp_path):
+def test_resuming_another_runs_checkpoint_is_checked_like_a_resume_in_place(three_steps, tmp_path):
     """train.resume=<a checkpoint of another run> is checked against that run's config.yaml: changed settings are
     refused naming each key (exit 2); a full checkpoint under strategy=lora is refused in one sentence (not a
     transformers ValueError) even when copied away from its run; the same settings resume it and finish."""
-    checkpoint = finished / "checkpoint-3"
+    checkpoint = three_steps / "checkpoint-3"
     loose = tmp_path / "copied" / "checkpoint-3"  # a checkpoint copied away from its run: no config.yaml
     shutil.copytree(checkpoint, loose)
     commands = {
@@ -109,8 +96,8 @@ def test_a_second_ctrl_c_names_the_checkpoint_that_was_kept(tmp_path):
     assert not os.path.exists(run_dir / "metrics.json")
 
 
-def test_train_log_is_free_of_deprecation_warnings_from_our_calls(finished):
+def test_train_log_is_free_of_deprecation_warnings_from_our_calls(three_steps):
     """train.log collects library warnings; the recipe's own calls (activation checkpointing, rope settings) use
     the current transformers APIs, so a run logs no deprecation warning."""
-    log = (finished / "train.log").read_text()
+    log = (three_steps / "train.log").read_text()
     assert "FutureWarning" not in log and "deprecated" not in log.lower(), log[-3000:]

@@ -1,6 +1,7 @@
 """End-to-end runs of the recipe through the public entrypoint, on the tiny model and the demo task, on CPU."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch
 from phi3v_recipes.data.tasks import load_split
 from phi3v_recipes.evaluation import generate_answers
 from phi3v_recipes.loading import load_model, load_processor
-from tests.conftest import SMALL_DEMO, compose_config, read_metrics, run_cli
+from tests.conftest import NINE_STEPS, SMALL_DEMO, compose_config, read_metrics, run_cli
 
 
 def logged_losses(run_dir) -> list[float]:
@@ -17,14 +18,10 @@ def logged_losses(run_dir) -> list[float]:
     return [entry["loss"] for entry in history if "loss" in entry]
 
 
-@pytest.mark.parametrize("strategy", ["full", "frozen_vision", "lora", "qlora"])
-def test_demo_trains_saves_and_reloads(strategy, tmp_path):
-    """Each strategy trains the demo through `python -m phi3v_recipes`: the loss falls, the run directory holds
-    the model (or adapter), processor, checkpoints, resolved config and metrics, and the saved output reloads
-    and answers the eval samples exactly as the run's own after-training evaluation did."""
-    run_dir = tmp_path / "run"
-    overrides = [f"strategy={strategy}", *SMALL_DEMO, f"run.output_dir={run_dir}"]
-    out = run_cli(overrides, cwd=tmp_path)
+def check_trained_run(out, run_dir, strategy: str, overrides: list[str]) -> None:
+    """The loss fell, the run directory holds the model (or adapter), processor, checkpoints, resolved config and
+    metrics, and the saved output reloads and answers the eval samples exactly as the run's own after-training
+    evaluation did."""
     assert out.returncode == 0, out.stderr[-3000:]
     losses = logged_losses(run_dir)
     assert len(losses) >= 4 and losses[-1] < losses[0]
@@ -47,6 +44,21 @@ def test_demo_trains_saves_and_reloads(strategy, tmp_path):
     assert answers == saved
 
 
+@pytest.mark.parametrize("strategy", ["frozen_vision", "lora", "qlora"])
+def test_demo_trains_saves_and_reloads(strategy, tmp_path):
+    """Each strategy trains the demo through `python -m phi3v_recipes` (see check_trained_run; strategy=full is the
+    default demo's, below)."""
+    run_dir = tmp_path / "run"
+    overrides = [f"strategy={strategy}", *SMALL_DEMO, f"run.output_dir={run_dir}"]
+    check_trained_run(run_cli(overrides, cwd=tmp_path), run_dir, strategy, overrides)
+
+
+def test_default_demo_trains_saves_and_reloads(default_demo):
+    """strategy=full, the default, as check_trained_run says: the README's main job."""
+    out, run_dir = default_demo
+    check_trained_run(out, run_dir, "full", [f"run.output_dir={run_dir}"])
+
+
 def test_default_demo_goes_from_chance_to_at_least_90_percent(default_demo):
     """README's main job: `python -m phi3v_recipes` with no arguments trains the demo on CPU and the held-out
     accuracy rises from chance (or below) to >= 90%, shown in the closing summary and in metrics.json."""
@@ -56,12 +68,21 @@ def test_default_demo_goes_from_chance_to_at_least_90_percent(default_demo):
     assert f"accuracy (eval before -> after): {metrics['eval_before']:.3f} -> {metrics['eval_after']:.3f}" in out.stdout
 
 
-def test_torchrun_two_processes_share_one_run_directory(tmp_path):
-    """`torchrun --nproc_per_node=2` (DDP over gloo on CPU): both ranks use one run directory; only rank 0 writes
-    the shared files (.hydra, metrics, model); rank 1 logs to its own file; evaluation is sharded and gathered."""
-    out = run_cli(list(SMALL_DEMO), cwd=tmp_path, torchrun_procs=2)
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory):
+    """The small demo under `torchrun --nproc_per_node=2` (DDP over gloo on CPU), in Hydra's default run directory:
+    (output, run directory)."""
+    root = tmp_path_factory.mktemp("ddp")
+    out = run_cli(list(SMALL_DEMO), cwd=root, torchrun_procs=2)
     assert out.returncode == 0, out.stderr[-3000:]
-    (run_dir,) = list((tmp_path / "outputs" / "demo" / "full").iterdir())
+    (run_dir,) = list((root / "outputs" / "demo" / "full").iterdir())
+    return out, run_dir
+
+
+def test_torchrun_two_processes_share_one_run_directory(ddp):
+    """`torchrun --nproc_per_node=2`: both ranks use one run directory; only rank 0 writes the shared files
+    (.hydra, metrics, model); rank 1 logs to its own file; evaluation is sharded and gathered."""
+    out, run_dir = ddp
     assert (run_dir / "train.log").is_file() and (run_dir / "train.rank1.log").is_file()
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     metrics = read_metrics(run_dir)
@@ -71,25 +92,21 @@ def test_torchrun_two_processes_share_one_run_directory(tmp_path):
     assert out.stdout.count("== phi3v-recipes:") == 1
 
 
-def test_zero2_with_two_processes_matches_ddp(tmp_path):
-    """strategy=full with DeepSpeed ZeRO-2 through the Trainer on 2 CPU processes: the optimizer state is
-    sharded in the checkpoint (one file per rank), the losses equal plain DDP's, and the trained model is saved
-    and evaluated."""
-    common = [*SMALL_DEMO, "eval.before=false"]
-    ddp = run_cli([*common, "eval.after=false", f"run.output_dir={tmp_path / 'ddp'}"], cwd=tmp_path,
-                  torchrun_procs=2)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    zero = run_cli([*common, "hardware.deepspeed=true", f"run.output_dir={tmp_path / 'zero2'}"], cwd=tmp_path,
+def test_zero2_with_two_processes_matches_ddp(ddp, tmp_path):
+    """strategy=full with DeepSpeed ZeRO-2 through the Trainer on 2 CPU processes, otherwise the DDP run's
+    settings: the optimizer state is sharded in the checkpoint (one file per rank), the losses equal plain DDP's,
+    and the trained model is saved and evaluated."""
+    zero = run_cli([*SMALL_DEMO, "hardware.deepspeed=true", f"run.output_dir={tmp_path / 'zero2'}"], cwd=tmp_path,
                    torchrun_procs=2)
     assert zero.returncode == 0, zero.stderr[-3000:]
     (step_dir,) = (tmp_path / "zero2").glob("checkpoint-6/global_step6")
     assert sorted(p.name for p in step_dir.glob("*optim_states.pt")) == [
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
-    assert not list((tmp_path / "ddp").glob("checkpoint-6/global_step*"))
+    assert not list(ddp[1].glob("checkpoint-6/global_step*"))
     assert (tmp_path / "zero2" / "model.safetensors").is_file()
     assert read_metrics(tmp_path / "zero2")["eval_after"] is not None
     torch.testing.assert_close(torch.tensor(logged_losses(tmp_path / "zero2")),
-                               torch.tensor(logged_losses(tmp_path / "ddp")), rtol=0, atol=1e-4)
+                               torch.tensor(logged_losses(ddp[1])), rtol=0, atol=1e-4)
 
 
 def test_multirun_sweep_writes_one_directory_per_job_and_a_summary(tmp_path):
@@ -111,17 +128,14 @@ def test_multirun_sweep_writes_one_directory_per_job_and_a_summary(tmp_path):
     assert "optim.lr=0.001" in text and "eval_after" in text
 
 
-def test_resume_continues_from_the_latest_checkpoint(tmp_path):
-    """train.resume=true in an existing run directory continues from its latest checkpoint instead of
-    starting over."""
+def test_resume_continues_from_the_latest_checkpoint(three_steps, tmp_path):
+    """train.resume=true in an existing run directory (a copy of a finished 3-step run) continues from its latest
+    checkpoint instead of starting over."""
     run_dir = tmp_path / "run"
-    first = run_cli([*SMALL_DEMO, "train.max_steps=4", "eval.before=false", "eval.after=false",
-                     f"run.output_dir={run_dir}"], cwd=tmp_path)
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert (run_dir / "checkpoint-4").is_dir()
-    second = run_cli([*SMALL_DEMO, "train.max_steps=6", "train.resume=true", "eval.before=false",
-                      "eval.after=false", f"run.output_dir={run_dir}"], cwd=tmp_path)
-    assert second.returncode == 0, second.stderr[-3000:]
+    shutil.copytree(three_steps, run_dir)
+    out = run_cli([*NINE_STEPS, "train.max_steps=6", "train.save_steps=3", "train.resume=true",
+                   f"run.output_dir={run_dir}"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
     state = json.loads((run_dir / "checkpoint-6" / "trainer_state.json").read_text())
     steps = [entry["step"] for entry in state["log_history"] if "loss" in entry]
     assert steps == [1, 2, 3, 4, 5, 6]

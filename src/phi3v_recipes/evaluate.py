@@ -21,14 +21,15 @@ register_resolvers()
 
 
 def run(cfg: DictConfig) -> dict:
+    check_settings(cfg, nullable=["data.num_crops"])
+    check_hardware(cfg)
+    check_on_error(cfg.data.on_error)
+    # the data and model code (transformers) load after the checks above, so that a mistake is answered at once
     from phi3v_recipes.data.check import screen
     from phi3v_recipes.data.tasks import load_split
     from phi3v_recipes.evaluation import evaluate
     from phi3v_recipes.loading import load_for_inference
 
-    check_settings(cfg, nullable=["data.num_crops"])
-    check_hardware(cfg)
-    check_on_error(cfg.data.on_error)
     run_dir = output_dir(cfg)
     model, processor = load_for_inference(cfg)
     samples, problems = load_split(cfg.task, "eval")

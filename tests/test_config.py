@@ -47,6 +47,10 @@ def combo(task: str, strategy: str, hardware: str, *extra: str):
 @pytest.fixture
 def gpu_machine(monkeypatch):
     """Pretend to be a CUDA machine with flash-attn installed (what the GPU profiles need to validate)."""
+    # validate's scheduler check imports transformers' Trainer utilities, which read the installed version of every
+    # package find_spec finds: imported before find_spec pretends that flash_attn is there.
+    import transformers.trainer_utils  # noqa: F401
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",

@@ -113,9 +113,9 @@ def compose_config(*overrides: str):
         return compose(config_name="train", overrides=list(overrides))
 
 
-def shared_run(tmp_path_factory: pytest.TempPathFactory, name: str, args: list[str],
-               module: str = "phi3v_recipes") -> tuple[subprocess.CompletedProcess, Path]:
-    """`python -m <module> args run.output_dir=<dir>` once per test session, for the tests of every module that
+def shared_run(tmp_path_factory: pytest.TempPathFactory, name: str,
+               args: list[str]) -> tuple[subprocess.CompletedProcess, Path]:
+    """`python -m phi3v_recipes args run.output_dir=<dir>` once per test session, for the tests of every module that
     read it: the first xdist worker to ask trains it under a file lock in the session's shared temporary directory
     (the parent of the workers' own), and the others wait for it and read its recorded output. Tests must not
     change the run."""
@@ -126,7 +126,7 @@ def shared_run(tmp_path_factory: pytest.TempPathFactory, name: str, args: list[s
     with FileLock(str(root / f"shared-{name}.lock")):
         if not record.is_file():
             home.mkdir()
-            out = run_cli([*args, f"run.output_dir={home / 'run'}"], cwd=home, module=module)
+            out = run_cli([*args, f"run.output_dir={home / 'run'}"], cwd=home)
             record.write_text(json.dumps({"args": out.args, "returncode": out.returncode, "stdout": out.stdout,
                                           "stderr": out.stderr}))
     out = subprocess.CompletedProcess(**json.loads(record.read_text()))

@@ -16,11 +16,9 @@ import pytest
 
 from tests.conftest import NINE_STEPS, offline_env, read_metrics, run_cli
 
-RUN = NINE_STEPS
-
 
 def command(run_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "phi3v_recipes", *RUN, *extra, f"run.output_dir={run_dir}"]
+    return [sys.executable, "-m", "phi3v_recipes", *NINE_STEPS, *extra, f"run.output_dir={run_dir}"]
 
 
 def step_losses(run_dir: Path) -> list[float]:
@@ -154,7 +152,7 @@ def test_a_diverging_run_stops_naming_the_step_and_saves_no_broken_model(tmp_pat
     """optim.lr=1e6 makes the weights non-finite within a few steps: the run stops with one sentence naming the step
     and the non-finite loss, exits non-zero, keeps the last good checkpoint and saves no final model or metrics."""
     run_dir = tmp_path / "run"
-    out = run_cli([*RUN, "optim.lr=1e6", "optim.warmup_steps=0", "train.save_steps=1", f"run.output_dir={run_dir}"],
+    out = run_cli([*NINE_STEPS, "optim.lr=1e6", "optim.warmup_steps=0", "train.save_steps=1", f"run.output_dir={run_dir}"],
                   cwd=tmp_path)
     assert out.returncode == 1, out.stderr[-3000:]
     assert "Traceback" not in out.stderr

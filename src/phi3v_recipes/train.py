@@ -1,6 +1,6 @@
 """The recipe: one training run of a composed config, from data to a saved, evaluated model.
 
-    validate config -> TrainingArguments (joins the process group)
+    (config validated by the entrypoint, __main__.checked_run) -> TrainingArguments (joins the process group)
     -> open the run directory (lock, incomplete checkpoints out, resume point, the record: rundir.py)
     -> task samples -> processor -> screen bad samples (data.on_error; kept for relaunches: data/screen_cache.py)
     -> model + strategy -> eval before
@@ -30,7 +30,7 @@ from transformers import TrainingArguments, set_seed
 
 from phi3v_recipes.cli import log_to_files
 from phi3v_recipes.cluster import output_dir, resume_command, world_size
-from phi3v_recipes.config import gradient_accumulation, uses_deepspeed, validate
+from phi3v_recipes.config import gradient_accumulation, uses_deepspeed
 from phi3v_recipes.data.collate import build_collator
 from phi3v_recipes.data.dataset import EncodedDataset
 from phi3v_recipes.data.sample import Sample
@@ -90,10 +90,10 @@ def training_arguments(cfg: DictConfig, run_dir: Path) -> TrainingArguments:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train and evaluate as `cfg` says; return the metrics (also written to <run dir>/metrics.json)."""
+    """Train and evaluate as `cfg` says (validated: config.validate); return the metrics (also written to
+    <run dir>/metrics.json)."""
     start, launch_started = time.perf_counter(), time.time()
     logging.captureWarnings(True)  # library warnings go to train.log too
-    validate(cfg)
     run_dir = output_dir(cfg)
     args = training_arguments(cfg, run_dir)
     main = args.process_index == 0

@@ -1,14 +1,16 @@
-"""Shared helpers: running the public entrypoint in a subprocess, offline, composing configs, and training runs
-that many tests read once per session.
+"""Shared helpers: running the public entrypoints as commands, offline (`start`, `run_cli`, `run_parallel`),
+composing configs, and training runs that many tests read once per session.
 
 `make test` runs the suite on every core with pytest-xdist (`-n auto`, one test module per worker): each worker
 and the processes its tests start then use their share of the cores (`pytest_configure`), and a run shared by
-tests of several modules is trained by the first worker that needs it while the others wait (`shared_run`)."""
+tests of several modules is trained by the first worker that needs it while the others wait (`shared_run`).
+Commands are processes forked from a server that has imported torch and transformers once per worker, not new
+interpreters that import them again each time (tests/launcher.py says what that keeps and when a test asks for a
+new interpreter instead)."""
 
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from filelock import FileLock
 from hydra import compose, initialize_config_module
 
 from phi3v_recipes.cli import register_resolvers
+from tests import launcher
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,8 +40,12 @@ NINE_STEPS = ("task.train_size=48", "task.eval_size=8", "train.epochs=3", "train
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Under xdist, each worker (and every process its tests start) uses cores / workers threads: PyTorch's
-    default of one thread per core in every worker would oversubscribe the machine and spin."""
+    """The suite runs offline. Under xdist, each worker (and every process its tests start) uses cores / workers
+    threads: PyTorch's default of one thread per core in every worker would oversubscribe the machine and spin.
+    Set here, before any command starts, so that the fork server (tests/launcher.py) imports its libraries with
+    the same environment the commands get."""
+    os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
         threads = str(max(1, (os.cpu_count() or 1) // workers))
@@ -52,37 +59,33 @@ def offline_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def start(args: list[str], cwd: Path, module: str = "phi3v_recipes", threads: int | None = None,
+          fresh: bool = False, **options) -> launcher.Launched:
+    """`python -m <module> args` started in `cwd`, offline (`threads`: its OMP/MKL threads), as a process forked
+    from the fork server or, with `fresh`, a new interpreter; see tests/launcher.py for both and the `options`."""
+    env = offline_env(**({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}))
+    return launcher.start(args, cwd, env, module=module, fresh=fresh, **options)
+
+
 def run_cli(args: list[str], cwd: Path, module: str = "phi3v_recipes", torchrun_procs: int = 0,
-            timeout: int = 600) -> subprocess.CompletedProcess:
-    """`python -m <module> args` (or under torchrun), in `cwd`, offline; output captured as text."""
+            timeout: int = 600, **options) -> subprocess.CompletedProcess:
+    """`python -m <module> args` (or under torchrun, a new interpreter), in `cwd`, offline, waited for; output
+    captured as text. `options` as for `start`."""
     if torchrun_procs:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun_procs}",
-               "-m", module, *args]
-    else:
-        cmd = [sys.executable, "-m", module, *args]
-    return subprocess.run(cmd, cwd=cwd, env=offline_env(), capture_output=True, text=True, timeout=timeout)
+        args = ["--standalone", f"--nproc_per_node={torchrun_procs}", "-m", module, *args]
+        module, options = "torch.distributed.run", {**options, "fresh": True}
+    return start(args, cwd, module=module, **options).completed(timeout)
 
 
-def run_parallel(commands: dict[str, list[str]], cwd: Path, timeout: int = 600,
+def run_parallel(commands: dict[str, list[str]], cwd: Path, timeout: int = 600, fresh: bool = False,
                  pass_fds: tuple[int, ...] = ()) -> dict[str, subprocess.CompletedProcess]:
     """Each `python -m <argv>` (module first) started at once in `cwd`, offline with one thread each; waits for
-    all. Output goes to `<name>.stdout` / `<name>.stderr` in `cwd` and comes back as text. `pass_fds` stay open
-    in every process (e.g. a pipe a command reads as /proc/self/fd/N)."""
-    env = offline_env(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    started = {}
-    for name, args in commands.items():
-        cmd = [sys.executable, "-m", *args]
-        logs = (cwd / f"{name}.stdout").open("w"), (cwd / f"{name}.stderr").open("w")
-        started[name] = (cmd, logs, subprocess.Popen(cmd, cwd=cwd, env=env, stdout=logs[0], stderr=logs[1],
-                                                     pass_fds=pass_fds))
-    results = {}
-    for name, (cmd, logs, proc) in started.items():
-        proc.wait(timeout=timeout)
-        for log in logs:
-            log.close()
-        stdout, stderr = ((cwd / f"{name}.{stream}").read_text() for stream in ("stdout", "stderr"))
-        results[name] = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
-    return results
+    all. Output goes to `cwd/.logs/<name>/stdout` and `.../stderr` and comes back as text. `pass_fds`
+    stay open in every process (e.g. a pipe a command reads as /proc/self/fd/N; a new interpreter each)."""
+    started = {name: start(args[1:], cwd, module=args[0], threads=1, fresh=fresh, logs=cwd / ".logs" / name,
+                           pass_fds=pass_fds)
+               for name, args in commands.items()}
+    return {name: command.completed(timeout) for name, command in started.items()}
 
 
 def official_preprocessor_config(num_img_tokens: int = 144) -> dict:

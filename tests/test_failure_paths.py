@@ -5,10 +5,9 @@ and nothing lost or half-written."""
 import os
 import shutil
 import signal
-import subprocess
 
-from tests.conftest import offline_env, read_metrics, run_parallel
-from tests.test_preemption import _small_file_limit, command, logged, start, wait_for
+from tests.conftest import read_metrics, run_parallel
+from tests.test_preemption import FULL_DISK, command, logged, run, start, wait_for
 
 
 def test_resuming_another_runs_checkpoint_is_checked_like_a_resume_in_place(three_steps, tmp_path):
@@ -20,11 +19,11 @@ def test_resuming_another_runs_checkpoint_is_checked_like_a_resume_in_place(thre
     shutil.copytree(checkpoint, loose)
     commands = {
         "drift": ["phi3v_recipes", *command(tmp_path / "drift", "train.max_steps=4", "optim.lr=1e-3",
-                                           f"train.resume={checkpoint}")[3:]],
+                                           f"train.resume={checkpoint}")],
         "lora": ["phi3v_recipes", *command(tmp_path / "lora", "train.max_steps=4", "strategy=lora",
-                                          f"train.resume={loose}")[3:]],
+                                          f"train.resume={loose}")],
         "same": ["phi3v_recipes", *command(tmp_path / "same", "train.max_steps=4", "train.save_steps=3",
-                                          f"train.resume={checkpoint}")[3:]],
+                                          f"train.resume={checkpoint}")],
     }
     results = run_parallel(commands, cwd=tmp_path)
     for name in ("drift", "lora"):
@@ -58,8 +57,7 @@ def test_a_failed_final_model_write_names_the_last_good_checkpoint(tmp_path):
     first.communicate()
     assert not (run_dir / "metrics.json").exists()
 
-    full = subprocess.run(cmd, cwd=tmp_path, env=offline_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                          timeout=600, preexec_fn=_small_file_limit)
+    full = run(cmd, tmp_path, max_file_size=FULL_DISK)
     assert full.returncode == 1 and "Traceback" not in full.stderr, full.stderr[-4000:]
     (line,) = [x for x in full.stderr.splitlines() if x.startswith("error: ")]
     assert line.startswith(f"error: writing the final model to {run_dir} failed (") and "checkpoint-3 is kept" in line
@@ -67,8 +65,7 @@ def test_a_failed_final_model_write_names_the_last_good_checkpoint(tmp_path):
     assert (run_dir / "config.json").exists() == (run_dir / "model.safetensors").exists()
     assert not (run_dir / ".checkpoint-staging").exists() and not (run_dir / "metrics.json").exists()
 
-    again = subprocess.run(cmd, cwd=tmp_path, env=offline_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                           timeout=600)
+    again = run(cmd, tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert (run_dir / "config.json").is_file() and (run_dir / "model.safetensors").is_file()
     assert read_metrics(run_dir)["global_steps"] == 3

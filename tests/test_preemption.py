@@ -4,21 +4,22 @@ exactly as an uninterrupted run; runs that diverge stop without saving a broken 
 
 import json
 import os
-import resource
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import NINE_STEPS, offline_env, read_metrics, run_cli
+from tests.conftest import NINE_STEPS, read_metrics, run_cli
+from tests.conftest import start as conftest_start
+from tests.launcher import Launched
 
 
 def command(run_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "phi3v_recipes", *NINE_STEPS, *extra, f"run.output_dir={run_dir}"]
+    """The arguments of `python -m phi3v_recipes` for the nine-step run in `run_dir`."""
+    return [*NINE_STEPS, *extra, f"run.output_dir={run_dir}"]
 
 
 def step_losses(run_dir: Path) -> list[float]:
@@ -27,12 +28,17 @@ def step_losses(run_dir: Path) -> list[float]:
     return json.loads((newest / "recipe_state.json").read_text())["step_losses"]
 
 
-def start(cmd: list[str], cwd: Path, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=cwd, env=offline_env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kwargs)
+def start(args: list[str], cwd: Path, **options) -> Launched:
+    """The command started with one thread (tests of this module run while others train)."""
+    return conftest_start(args, cwd, threads=1, **options)
 
 
-def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120, interval: float = 0.05) -> None:
+def run(args: list[str], cwd: Path, **options) -> subprocess.CompletedProcess:
+    """The command run to its end with one thread."""
+    return run_cli(args, cwd, threads=1, **options)
+
+
+def wait_for(predicate, proc: Launched, timeout: float = 120, interval: float = 0.05) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if proc.poll() is not None:
@@ -51,8 +57,7 @@ def logged(run_dir: Path, text: str) -> bool:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("uninterrupted")
-    out = subprocess.run(command(root / "run"), cwd=root, env=offline_env(OMP_NUM_THREADS="1"), capture_output=True,
-                         text=True, timeout=600)
+    out = run(command(root / "run"), root)
     assert out.returncode == 0, out.stderr[-3000:]
     return root / "run"
 
@@ -66,7 +71,7 @@ def test_a_stop_signal_mid_epoch_saves_and_the_same_command_finishes_the_run(sto
     was never interrupted (to 1e-6). train.log tells the story; the stop sentence is printed and logged once."""
     run_dir = tmp_path / "run"
     cmd = command(run_dir, f"data.num_workers={workers}")
-    proc = start(cmd, tmp_path, start_new_session=True)
+    proc = start(cmd, tmp_path, new_session=True)
     wait_for(lambda: logged(run_dir, "step 4/9"), proc)
     os.killpg(proc.pid, stop) if stop == signal.SIGINT else proc.send_signal(stop)  # Ctrl-C hits the whole group
     stdout, stderr = proc.communicate(timeout=120)
@@ -80,8 +85,7 @@ def test_a_stop_signal_mid_epoch_saves_and_the_same_command_finishes_the_run(sto
     assert 4 <= saved < 9 and (run_dir / f"checkpoint-{saved}").is_dir()
     assert not (run_dir / "metrics.json").exists() and not (run_dir / "model.safetensors").exists()
 
-    again = subprocess.run(cmd, cwd=tmp_path, env=offline_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                           timeout=600)
+    again = run(cmd, tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     expected = step_losses(uninterrupted)
     assert len(expected) == 9
@@ -110,8 +114,7 @@ def test_kill_9_while_a_checkpoint_is_written_then_the_same_command_finishes(uni
     assert not renamed or (run_dir / "checkpoint-6" / "recipe_state.json").is_file()
     (run_dir / "checkpoint-9").mkdir()  # what an older, non-atomic save would leave: an empty checkpoint
 
-    again = subprocess.run(cmd, cwd=tmp_path, env=offline_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                           timeout=600)
+    again = run(cmd, tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     log = (run_dir / "train.log").read_text()
     removed = "checkpoint-9" if renamed else "checkpoint-6, checkpoint-9"
@@ -120,9 +123,8 @@ def test_kill_9_while_a_checkpoint_is_written_then_the_same_command_finishes(uni
     assert step_losses(run_dir) == pytest.approx(step_losses(uninterrupted), abs=1e-6, rel=0)
 
 
-def _small_file_limit() -> None:
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing
-    resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
+# No file may grow past 256 KiB: a checkpoint or model write fails part-way, as on a full disk.
+FULL_DISK = 256 * 1024
 
 
 def test_a_failed_checkpoint_write_stops_the_run_and_keeps_the_previous_checkpoint(three_steps, tmp_path):
@@ -132,8 +134,7 @@ def test_a_failed_checkpoint_write_stops_the_run_and_keeps_the_previous_checkpoi
     run_dir = tmp_path / "run"
     shutil.copytree(three_steps, run_dir)
     cmd = command(run_dir, "train.max_steps=6", "train.save_steps=3")
-    full = subprocess.run(cmd, cwd=tmp_path, env=offline_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                          timeout=600, preexec_fn=_small_file_limit)
+    full = run(cmd, tmp_path, max_file_size=FULL_DISK)
     assert full.returncode == 1, full.stderr[-3000:]
     assert "Traceback" not in full.stderr, full.stderr[-4000:]
     assert f"error: writing checkpoint {run_dir / 'checkpoint-6'} failed (" in full.stderr
@@ -142,8 +143,7 @@ def test_a_failed_checkpoint_write_stops_the_run_and_keeps_the_previous_checkpoi
     assert (run_dir / "checkpoint-3" / "trainer_state.json").is_file()
     assert not (run_dir / ".checkpoint-staging").exists()
 
-    again = subprocess.run(cmd, cwd=tmp_path, env=offline_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                           timeout=600)
+    again = run(cmd, tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert len(step_losses(run_dir)) == 6
 

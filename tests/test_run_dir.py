@@ -2,14 +2,12 @@
 run is not trained again. Through `python -m phi3v_recipes` on the tiny demo, on CPU."""
 
 import json
-import subprocess
-import sys
 import time
 
 from omegaconf import OmegaConf
 
 from phi3v_recipes.rundir import MAY_CHANGE, SAME_RUN, check_same_run
-from tests.conftest import compose_config, offline_env, read_metrics, run_cli
+from tests.conftest import compose_config, read_metrics, run_cli, start
 
 RUN = ("task.train_size=48", "task.eval_size=8", "train.logging_steps=1", "optim.warmup_steps=2",
        "eval.before=false", "eval.after=false", "train.save_steps=3")
@@ -57,9 +55,7 @@ def test_a_second_process_on_a_busy_run_directory_stops_and_a_dead_holder_is_tak
     """While a run trains, a second launch into its directory stops at once naming the holder (pid and command) and
     changes nothing; after the holder is killed with -9, the next launch takes the stale lock over and finishes."""
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "phi3v_recipes", *RUN, "train.epochs=20", f"run.output_dir={run_dir}"]
-    holder = subprocess.Popen(cmd, cwd=tmp_path, env=offline_env(OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    holder = start([*RUN, "train.epochs=20", f"run.output_dir={run_dir}"], tmp_path, threads=1)
     try:
         deadline = time.monotonic() + 120
         while not (run_dir / "train.log").is_file() or "step 1/" not in (run_dir / "train.log").read_text():
@@ -72,7 +68,7 @@ def test_a_second_process_on_a_busy_run_directory_stops_and_a_dead_holder_is_tak
         assert holder.poll() is None
     finally:
         holder.kill()
-        holder.wait()
+        holder.communicate()
     third = run_cli([*RUN, "train.epochs=20", "train.max_steps=4", f"run.output_dir={run_dir}"], cwd=tmp_path)
     assert third.returncode == 0, third.stderr[-3000:]
     assert "took over the lock" in (run_dir / "train.log").read_text()

@@ -9,15 +9,14 @@ step, not the last one."""
 import json
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
 from phi3v_recipes.selection import Evaluations
-from tests.conftest import offline_env, read_metrics, run_cli
-from tests.test_preemption import logged, start, wait_for
+from tests.conftest import read_metrics, run_cli
+from tests.test_preemption import logged, run, start, wait_for
 
 EVERY, PATIENCE, MAX_STEPS = 2, 2, 24
 # 48 samples in steps of 8 (6 per epoch); an evaluation every 2 steps on 8 held-out samples; rotation keeps 1.
@@ -27,7 +26,7 @@ RUN = ("task.train_size=48", "task.eval_size=8", "train.global_batch_size=8", f"
 
 
 def command(base: Path, run_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "phi3v_recipes", *RUN, f"model.name_or_path={base}", f"run.output_dir={run_dir}"]
+    return [*RUN, f"model.name_or_path={base}", f"run.output_dir={run_dir}"]
 
 
 def recipe_state(checkpoint: Path) -> dict:
@@ -71,8 +70,7 @@ def test_evaluating_during_training_without_held_out_samples_is_one_sentence(tmp
 def selected(default_demo, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     """One uninterrupted run with evaluations, patience and keep_best, shared by the tests of this module."""
     root = tmp_path_factory.mktemp("selected")
-    out = subprocess.run(command(default_demo[1], root / "run"), cwd=root, env=offline_env(OMP_NUM_THREADS="1"),
-                         capture_output=True, text=True, timeout=600)
+    out = run(command(default_demo[1], root / "run"), root)
     assert out.returncode == 0, out.stderr[-3000:]
     return out, root / "run"
 
@@ -151,8 +149,7 @@ def test_sigterm_between_two_evaluations_then_the_same_command_ends_with_the_sam
     assert EVERY < saved <= 2 * EVERY
     assert recipe_state(run_dir / f"checkpoint-{saved}")["evals"] == [e for e in expected["evals"] if e["step"] < saved]
 
-    again = subprocess.run(cmd, cwd=tmp_path, env=offline_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                           timeout=600)
+    again = run(cmd, tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     metrics = read_metrics(run_dir)
     for key in ("evals", "best", "early_stop", "model_step", "global_steps"):

@@ -2,6 +2,8 @@
 the CLI): no training steps, non-numeric or out-of-range numeric settings, and a run directory that is a file."""
 
 import copy
+import subprocess
+from pathlib import Path
 
 import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -123,16 +125,39 @@ def test_unwritable_run_directory_is_refused():
         validate(cfg, world=1)
 
 
+# Start-up is the subject of the CLI tests below, so their commands run in new interpreters (not forked from the
+# tests' fork server, whose children inherit torch and transformers), each under this wrapper: it runs the module
+# given first as `python -m` would and, at exit, prints which of the libraries that take seconds to import loaded.
+HEAVY = ("torch", "transformers", "peft", "datasets")
+IMPORT_PROBE = f"""import atexit, runpy, sys
+module = sys.argv.pop(1)
+atexit.register(lambda: print("heavy imports:", *[name for name in {HEAVY!r} if name in sys.modules]))
+runpy.run_module(module, run_name="__main__", alter_sys=True)
+"""
+
+
+def run_probed(commands: dict[str, list[str]], cwd: Path) -> dict[str, subprocess.CompletedProcess]:
+    """`run_parallel` of each command (module first) in a new interpreter under IMPORT_PROBE."""
+    (cwd / "import_probe.py").write_text(IMPORT_PROBE)
+    return run_parallel({name: ["import_probe", *args] for name, args in commands.items()}, cwd=cwd, fresh=True)
+
+
+def heavy_imports(out: subprocess.CompletedProcess) -> list[str]:
+    (line,) = [x for x in out.stdout.splitlines() if x.startswith("heavy imports:")]
+    return line.split()[2:]
+
+
 def test_cli_start_up_errors_exit_2_with_one_sentence(tmp_path):
     """Through `python -m phi3v_recipes`: a non-numeric epoch count (checked in validate, like a run without
     steps) and a run directory that is a file (checked before Hydra creates it) each exit with code 2 and one
-    `error:` line naming the setting, no traceback, and no model or checkpoint is written."""
+    `error:` line naming the setting, no traceback, and no model or checkpoint is written. Both are answered
+    before torch, transformers, peft or datasets is imported (within a second, not after ~8 s of imports)."""
     (tmp_path / "taken").write_text("a file, not a directory\n")
     commands = {
         "abc": ["phi3v_recipes", "train.epochs=abc", f"run.output_dir={tmp_path / 'abc'}"],
         "file": ["phi3v_recipes", f"run.output_dir={tmp_path / 'taken'}"],
     }
-    results = run_parallel(commands, cwd=tmp_path)
+    results = run_probed(commands, cwd=tmp_path)
     expected = {
         "abc": "error: train.epochs='abc' is not a number; give a number >= 0.",
         "file": f"error: run.output_dir={tmp_path / 'taken'}: {tmp_path / 'taken'} is a file, not a directory; "
@@ -143,6 +168,7 @@ def test_cli_start_up_errors_exit_2_with_one_sentence(tmp_path):
         assert "Traceback" not in out.stderr + out.stdout, name
         errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and errors[0].startswith(expected[name]), (name, out.stderr[-2000:])
+        assert heavy_imports(out) == [], name
     assert not any(tmp_path.rglob("checkpoint-*")) and not any(tmp_path.rglob("*.safetensors"))
     assert (tmp_path / "taken").read_text() == "a file, not a directory\n"
 
@@ -191,11 +217,12 @@ def test_composition_mistakes_exit_2_with_one_sentence(tmp_path):
     code 2 and one `error:` sentence naming the closest valid key or option (not Hydra's report with exit code 1,
     and not silently ignored); a bad scheduler or dtype, which only a library would reject later, stops at
     start-up the same way, and so does an output location that cannot be written. No run is recorded and no
-    weights are written."""
+    weights are written. Mistakes that need no library to be found are answered before torch, transformers, peft
+    or datasets is imported."""
     commands = {name: [module, *overrides, f"run.output_dir={tmp_path / name}"]
                 if module == "phi3v_recipes" and not name.startswith("unwritable") else [module, *overrides]
                 for name, (module, overrides, _) in CLI_CASES.items()}
-    results = run_parallel(commands, cwd=tmp_path)
+    results = run_probed(commands, cwd=tmp_path)
     for name, out in results.items():
         expected = CLI_CASES[name][2]
         assert out.returncode == 2, (name, out.stderr[-2000:])
@@ -203,4 +230,6 @@ def test_composition_mistakes_exit_2_with_one_sentence(tmp_path):
         errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and errors[0].startswith(expected), (name, out.stderr[-2000:])
         assert not (tmp_path / name / "config.yaml").exists(), name  # Hydra's .hydra/ and train.log at most
+        if name != "scheduler":  # the schedule names are transformers' (config.check_scheduler imports it)
+            assert heavy_imports(out) == [], name
     assert not any(tmp_path.rglob("*.safetensors"))

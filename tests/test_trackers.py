@@ -6,7 +6,6 @@ transaction log."""
 import json
 import signal
 import struct
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,7 +14,8 @@ import pytest
 from phi3v_recipes.config import validate
 from phi3v_recipes.errors import ConfigError
 from phi3v_recipes.trackers import Trackers
-from tests.conftest import compose_config, offline_env, read_metrics, run_cli
+from tests.conftest import compose_config, read_metrics, run_cli, start
+from tests.launcher import Launched
 
 mlflow = pytest.importorskip("mlflow")
 wandb_pb = pytest.importorskip("wandb.proto.wandb_internal_pb2")
@@ -68,13 +68,7 @@ def wandb_launches(run_dir: Path) -> list[tuple[set[str], list[dict], dict]]:
     return launches
 
 
-def start(args: list[str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "phi3v_recipes", *args], cwd=cwd,
-                            env=offline_env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-
-
-def stop_after(proc: subprocess.Popen, run_dir: Path, text: str, sig: int) -> None:
+def stop_after(proc: Launched, run_dir: Path, text: str, sig: int) -> None:
     """Send `sig` once train.log shows `text`; wait for the process to end."""
     import time
 
@@ -108,12 +102,12 @@ def interrupted(store) -> dict:
     client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     seen = {}
 
-    proc = start(args, root)
+    proc = start(args, root, threads=1)
     stop_after(proc, run_dir, "step 5/9", signal.SIGKILL)
     run_id = json.loads((run_dir / "trackers.json").read_text())["mlflow"]["run_id"]
     seen["killed"] = (mlflow_points(client, run_id, "train/loss"), client.get_run(run_id).info.status)
 
-    proc = start(args, root)
+    proc = start(args, root, threads=1)
     stop_after(proc, run_dir, "step 7/9", signal.SIGTERM)
     assert proc.returncode == 128 + signal.SIGTERM
     seen["stopped"] = (mlflow_points(client, run_id, "train/loss"), client.get_run(run_id).info.status)
@@ -212,9 +206,8 @@ def test_a_missing_tracker_package_is_one_sentence_at_start_up(tmp_path):
     (tmp_path / "without_wandb.py").write_text(
         "import runpy, sys\nsys.modules['wandb'] = None\n"
         "runpy.run_module('phi3v_recipes', run_name='__main__', alter_sys=True)\n")
-    out = subprocess.run([sys.executable, "-m", "without_wandb", "report_to=[tensorboard,wandb]",
-                          f"run.output_dir={tmp_path / 'run'}"], cwd=tmp_path, env=offline_env(), capture_output=True,
-                         text=True, timeout=600)
+    out = run_cli(["report_to=[tensorboard,wandb]", f"run.output_dir={tmp_path / 'run'}"], cwd=tmp_path,
+                  module="without_wandb", fresh=True)
     assert out.returncode == 2, out.stderr[-3000:]
     assert "Traceback" not in out.stderr
     assert [x for x in out.stderr.splitlines() if x.startswith("error: ")] == [

@@ -19,19 +19,23 @@ reports the max |logit| difference between the merged model and the adapter mode
 data (its `config.yaml` says which task); `python -m phi3v_recipes.verify_checkpoint <dir>` then checks the result.
 """
 
+from __future__ import annotations
+
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from phi3v_recipes.cli import exit_on_user_error, one_sentence_errors, register_resolvers
 from phi3v_recipes.config import check_output_dir
 from phi3v_recipes.errors import ConfigError
 from phi3v_recipes.rundir import checkpoints, run_config
+
+if TYPE_CHECKING:
+    import torch
 
 register_resolvers()
 log = logging.getLogger("phi3v_recipes.export")
@@ -83,37 +87,49 @@ def check_inputs(run: DictConfig, processor: Any, split: str, index: int) -> tup
     return sample.id, inputs
 
 
-@torch.no_grad()
 def logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor], device: str) -> torch.Tensor:
-    return model(**{k: v.to(device) for k, v in inputs.items()}).logits.float().cpu()
+    import torch
+
+    with torch.no_grad():
+        return model(**{k: v.to(device) for k, v in inputs.items()}).logits.float().cpu()
+
+
+def check_settings(cfg: DictConfig) -> Path:
+    """The export's output directory, once the settings that need no library are checked (a mistake is answered
+    before torch and transformers load)."""
+    if OmegaConf.is_missing(cfg, "output") or not cfg.output:
+        raise ConfigError("output is required: the directory to write the checkpoint to (output=<dir>).")
+    output = Path(cfg.output)
+    if cfg.dtype not in DTYPES:
+        raise ConfigError(f"dtype={cfg.dtype}: choose one of {DTYPES}.")
+    check_output_dir(output, "output")
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise ConfigError(f"output={output} already exists and is not empty; choose a new directory (nothing is "
+                          "overwritten).")
+    unfinished = unfinished_run(Path(str(cfg.model.name_or_path)))
+    if unfinished:
+        raise ConfigError(unfinished)
+    return output
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Write the export `cfg` asks for; return what was written (also printed)."""
+    output = check_settings(cfg)
+    import torch
+
     from phi3v_recipes.loading import TINY, adapter_base, load_model
     from phi3v_recipes.model import Phi3VProcessor
     from phi3v_recipes.model.metadata import write_serving_metadata
     from phi3v_recipes.model.remote_code import REMOTE_CODE_CHOICES, hub_repo_id, write_remote_code
 
-    if OmegaConf.is_missing(cfg, "output") or not cfg.output:
-        raise ConfigError("output is required: the directory to write the checkpoint to (output=<dir>).")
-    source, output = str(cfg.model.name_or_path), Path(cfg.output)
+    source = str(cfg.model.name_or_path)
     if source == TINY:
         raise ConfigError("model.name_or_path=tiny is an untrained random model; point it at a run directory or a "
                           "checkpoint-* directory.")
-    if cfg.dtype not in DTYPES:
-        raise ConfigError(f"dtype={cfg.dtype}: choose one of {DTYPES}.")
     if cfg.remote_code not in REMOTE_CODE_CHOICES:
         raise ConfigError(f"remote_code={cfg.remote_code}: choose one of {REMOTE_CODE_CHOICES}.")
-    check_output_dir(output, "output")
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise ConfigError(f"output={output} already exists and is not empty; choose a new directory (nothing is "
-                          "overwritten).")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={cfg.device} but no CUDA GPU is visible; use device=cpu.")
-    unfinished = unfinished_run(Path(source))
-    if unfinished:
-        raise ConfigError(unfinished)
 
     run_cfg = run_config(source)
     base = adapter_base(source)

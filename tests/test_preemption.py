@@ -106,7 +106,15 @@ def test_kill_9_while_a_checkpoint_is_written_then_the_same_command_finishes(uni
     cmd = command(run_dir, "train.save_steps=3")
     proc = start(cmd, tmp_path)
     staging = run_dir / ".checkpoint-staging"
-    wait_for(lambda: staging.exists() and any(staging.iterdir()) and logged(run_dir, "saved"), proc, interval=0.0002)
+
+    def staged() -> bool:
+        """A checkpoint is being written (its staging directory has files) after one was saved."""
+        try:
+            return any(staging.iterdir()) and logged(run_dir, "saved")
+        except FileNotFoundError:  # not made yet, or renamed away between two looks
+            return False
+
+    wait_for(staged, proc, interval=0.0002)
     proc.kill()
     proc.communicate(timeout=60)
     # Killed while checkpoint-6 was staged (almost always), or just after its rename: never a partial checkpoint-6.

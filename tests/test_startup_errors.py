@@ -9,6 +9,7 @@ import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
+from phi3v_recipes.cli import exit_on_user_error
 from phi3v_recipes.config import SETTINGS, validate
 from phi3v_recipes.errors import ConfigError
 from tests.conftest import compose_config, run_parallel
@@ -233,3 +234,25 @@ def test_composition_mistakes_exit_2_with_one_sentence(tmp_path):
         if name != "scheduler":  # the schedule names are transformers' (config.check_scheduler imports it)
             assert heavy_imports(out) == [], name
     assert not any(tmp_path.rglob("*.safetensors"))
+
+
+def test_a_missing_file_of_the_users_is_one_sentence_and_an_internal_one_is_not_hidden(capsys):
+    """`cli.exit_on_user_error`: a FileNotFoundError that names a file (or is our own sentence) is the user's
+    mistake, exit 2 with one `error:` line; one without a file name (a socket between processes that vanished) is
+    not the user's and keeps its traceback, rather than an exit 2 with "[Errno 2] No such file or directory"."""
+    cfg = OmegaConf.create({})
+
+    def missing(err: FileNotFoundError):
+        def run(_):
+            raise err
+        return run
+
+    for err in (FileNotFoundError(2, "No such file or directory", "/data/train.jsonl"),
+                FileNotFoundError("/data/train.jsonl does not exist: check the task's data file setting.")):
+        with pytest.raises(SystemExit) as stop:
+            exit_on_user_error(missing(err), cfg)
+        assert stop.value.code == 2
+        printed = capsys.readouterr().err
+        assert printed.startswith("error: ") and "/data/train.jsonl" in printed and printed.count("\n") == 1
+    with pytest.raises(FileNotFoundError, match="No such file or directory"):
+        exit_on_user_error(missing(FileNotFoundError(2, "No such file or directory")), cfg)

@@ -99,7 +99,8 @@ def start(args: list[str], cwd: Path, env: dict[str, str], module: str = "phi3v_
     """`python -m <module> <args>` in `cwd` with exactly `env`. Its output goes to `<logs>/stdout` and
     `<logs>/stderr` (kept) or to a temporary directory removed once read. `new_session`: the command leads a new
     session and process group (as `start_new_session`). `max_file_size`: bytes a file may grow to (RLIMIT_FSIZE,
-    with SIGXFSZ ignored so that a write past it fails as on a full disk). `pass_fds` needs `fresh`."""
+    with SIGXFSZ ignored so that a write past it fails as on a full disk). A command given `pass_fds` (descriptors
+    it keeps open) starts as a new interpreter."""
     keep = logs is not None
     logs = Path(logs) if keep else Path(tempfile.mkdtemp(prefix="launch-"))
     logs.mkdir(parents=True, exist_ok=True)

@@ -132,6 +132,15 @@ def _child(module: str, args: list[str], cwd: str, env: dict[str, str], logs: st
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
+    # multiprocessing's bootstrap made this a child process of the fork server's kind; a new interpreter is a main
+    # process without a parent, with the default start method. Without this the command's own children (DataLoader
+    # workers) would be started through a fork server of their own: outside its process group, without its signal
+    # handlers.
+    me = multiprocessing.current_process()
+    me._name, me._parent_pid, me._parent_name = "MainProcess", None, None
+    multiprocessing.process._parent_process = None
+    multiprocessing.process.ORIGINAL_DIR = cwd
+    multiprocessing.set_start_method(None, force=True)
     for fd, name in ((1, "stdout"), (2, "stderr")):
         file = os.open(os.path.join(logs, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(file, fd)

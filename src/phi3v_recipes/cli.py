@@ -36,7 +36,7 @@ def exit_on_user_error(run: Callable[[DictConfig], T], cfg: DictConfig) -> T:
         result = run(cfg)
     except (ConfigError, SampleError, FileNotFoundError) as err:
         if isinstance(err, FileNotFoundError) and err.errno is not None and err.filename is None:
-            raise  # not a file of the user's (e.g. a socket between processes): a failure to see whole
+            raise  # not a file of the user's (e.g. a socket between processes): keep its traceback
         log_to_files(str(err), logging.ERROR)
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -54,9 +54,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def offline_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1", **extra)
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
-    return env
+    """The environment of a command the tests start: the suite's own (offline since `pytest_configure`), unbuffered,
+    with `extra`."""
+    return dict(os.environ, PYTHONUNBUFFERED="1", **extra)
 
 
 def start(args: list[str], cwd: Path, module: str = "phi3v_recipes", threads: int | None = None,

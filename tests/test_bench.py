@@ -15,8 +15,9 @@ from tests.conftest import ROOT, run_cli
 def test_bench_smoke_run_on_tiny_writes_both_paths(tmp_path):
     """`bench model=tiny baseline=cookbook` runs both paths interleaved and writes speedup, samples/s statistics,
     tokens/s, padding fraction, peak memory and equal first losses (same samples, same initial weights); with
-    `progress=` every path's first loss and every step are appended as JSON lines, then the results (what
-    scripts/gpu_check.sh keeps when a phase is cut off)."""
+    `progress=` where the time goes (model build, matmul rate, each path's first passes, each step), every path's
+    first loss and every step are appended as JSON lines, then the results (what scripts/gpu_check.sh keeps when a
+    phase is cut off)."""
     out, progress = tmp_path / "bench.json", tmp_path / "results.jsonl"
     proc = run_cli(["model=tiny", "workload=hateful_memes", "data.num_crops=4", "bench.steps=2",
                     "bench.warmup_steps=0", "bench.samples_per_step=3", "baseline=cookbook", f"output={out}",
@@ -39,7 +40,15 @@ def test_bench_smoke_run_on_tiny_writes_both_paths(tmp_path):
     assert ours["padding_fraction"] == 0.0
     assert set(result["flop_shares_percent"]) == {"clip", "lm_body", "lm_head"}
     assert not (tmp_path / "outputs").exists()
-    lines = [json.loads(line) for line in progress.read_text().splitlines()]
+    records = [json.loads(line) for line in progress.read_text().splitlines()]
+    phases = [r["what"].split(":")[0] for r in records if r["kind"] == "bench_phase"]  # where the time went
+    assert phases == ["model built", "matmul rate measured (CPU",
+                      "first loss of ours (its first forward passes, compilation included)",
+                      "first loss of baseline (its first forward passes, compilation included)",
+                      "step 0 of ours", "step 0 of baseline", "step 1 of baseline", "step 1 of ours"]
+    assert all(r["seconds"] >= 0 for r in records if r["kind"] == "bench_phase")
+    assert "bench: model built in " in proc.stdout
+    lines = [r for r in records if r["kind"] != "bench_phase"]
     assert [(r["kind"], r.get("path"), r.get("step")) for r in lines] == [
         ("bench_first_loss", "ours", None), ("bench_first_loss", "baseline", None),
         ("bench_step", "ours", 0), ("bench_step", "baseline", 0),

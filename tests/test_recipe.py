@@ -9,7 +9,7 @@ import torch
 from phi3v_recipes.data.tasks import load_split
 from phi3v_recipes.evaluation import generate_answers
 from phi3v_recipes.loading import load_model, load_processor
-from tests.conftest import NINE_STEPS, SMALL_DEMO, compose_config, read_metrics, run_cli
+from tests.conftest import NINE_STEPS, SMALL_DEMO, compose_config, read_metrics, run_cli, run_parallel
 
 
 def logged_losses(run_dir) -> list[float]:
@@ -107,6 +107,20 @@ def test_zero2_with_two_processes_matches_ddp(ddp, tmp_path):
     assert read_metrics(tmp_path / "zero2")["eval_after"] is not None
     torch.testing.assert_close(torch.tensor(logged_losses(tmp_path / "zero2")),
                                torch.tensor(logged_losses(ddp[1])), rtol=0, atol=1e-4)
+
+
+def test_two_single_process_deepspeed_runs_side_by_side(tmp_path):
+    """DeepSpeed started without a launcher (`python -m phi3v_recipes strategy=full`, one GPU) joins a process
+    group of one: each run gets its own on a free local port, so two such runs on one machine both finish. Before,
+    DeepSpeed looked for an MPI launcher: an ImportError without mpi4py, and with it port 29500 for both runs, the
+    second failing with EADDRINUSE (seen on the lent H200, whose image has mpi4py)."""
+    command = ["phi3v_recipes", "strategy=full", "hardware.deepspeed=true", "task.train_size=8", "train.max_steps=2",
+               "train.batch_size=2", "train.global_batch_size=2", "eval.before=false", "eval.after=false"]
+    done = run_parallel({name: [*command, f"run.output_dir={tmp_path / name}"] for name in ("a", "b")}, tmp_path)
+    for name, proc in done.items():
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert (tmp_path / name / "checkpoint-2" / "global_step2").is_dir()  # DeepSpeed's own checkpoint
+        assert read_metrics(tmp_path / name)["global_steps"] == 2
 
 
 def test_multirun_sweep_writes_one_directory_per_job_and_a_summary(tmp_path):

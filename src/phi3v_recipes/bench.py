@@ -282,9 +282,22 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         n = bench.samples_per_step
         return [samples[(step * n + j) % len(samples)] for j in range(n)]
 
+    progress = Path(cfg.progress) if cfg.get("progress") else None
+    label = {"workload": cfg.workload.name, "model": cfg.model.name, "strategy": cfg.strategy.name}
+    clock = [time.perf_counter()]
+
+    def done(what: str) -> None:
+        """Where the time before and between the measured steps goes (model build, compilation), on the console
+        and in the progress file: a run cut off at a time limit still says how far it got."""
+        seconds, clock[0] = time.perf_counter() - clock[0], time.perf_counter()
+        print(f"bench: {what} in {seconds:.1f} s", flush=True)
+        if progress:
+            append_json_line(progress, {"kind": "bench_phase", **label, "what": what, "seconds": seconds})
+
     # CPU: the resident set of the interpreter and its libraries, before any model tensor exists
     floor = _rss_bytes() if device.type == "cpu" else 0
     model = build_model(cfg, device)
+    done("model built")
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                   weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda")
@@ -321,13 +334,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return float(total), seconds, processed
 
     rate = matmul_tflops(device, bench.matmul_size, bench.matmul_iters)
-    progress = Path(cfg.progress) if cfg.get("progress") else None
-    label = {"workload": cfg.workload.name, "model": cfg.model.name, "strategy": cfg.strategy.name}
+    done(f"matmul rate measured ({rate:.0f} TFLOP/s bf16)" if rate else "matmul rate measured (CPU: none)")
 
     # first_loss: each path's loss on the first step's samples at the initial weights
     first = step_samples(0)
     for path in paths:
         path.first_loss = forward_backward(path, first, sum(s.supervised for s in first), train=False)[0]
+        done(f"first loss of {path.name} (its first forward passes, compilation included)")
         if progress:
             append_json_line(progress, {"kind": "bench_first_loss", **label, "path": path.name,
                                         "attn_implementation": path.attn, "first_loss": path.first_loss})
@@ -347,6 +360,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 optimizer.zero_grad(set_to_none=True)
                 sync()
                 elapsed += time.perf_counter() - start
+            done(f"step {step} of {path.name}{' (warm-up)' if step < bench.warmup_steps else ''}: "
+                 f"{elapsed:.2f} s measured")
             if step >= bench.warmup_steps:
                 path.times.append(elapsed)
                 path.tokens.append(real_tokens)

@@ -19,6 +19,7 @@ its checkpoints there.
 
 import os
 import shutil
+import socket
 import sys
 import time
 from pathlib import Path
@@ -103,6 +104,22 @@ def rank() -> int:
 def world_size() -> int:
     export_distributed_env()
     return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def single_process_rendezvous() -> None:
+    """Give a run started as one plain process (no torchrun, no multi-task submitit job) a process group of its
+    own on a free local port, for the libraries that join one even alone (DeepSpeed). Left to themselves they
+    look for an MPI launcher (an ImportError without mpi4py; with it, port 29500 for every run), so a second such
+    run on the same machine (a sweep's jobs on other GPUs, tests side by side) failed with EADDRINUSE. Launched
+    processes keep their launcher's rendezvous."""
+    export_distributed_env()
+    if "WORLD_SIZE" in os.environ or "MASTER_PORT" in os.environ:
+        return
+    with socket.socket() as probe:  # a port free now; the store binds it a moment later
+        probe.bind(("", 0))
+        port = probe.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"), MASTER_PORT=str(port))
 
 
 def launch_overrides() -> list[str]:

@@ -17,6 +17,7 @@ again), tensorboard logs under `runs/`, `trackers.json` (the MLflow / wandb run 
 and `report.html` (report/).
 """
 
+import dataclasses
 import json
 import logging
 import signal
@@ -29,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import TrainingArguments, set_seed
 
 from phi3v_recipes.cli import log_to_files
-from phi3v_recipes.cluster import output_dir, resume_command, world_size
+from phi3v_recipes.cluster import output_dir, resume_command, single_process_rendezvous, world_size
 from phi3v_recipes.config import gradient_accumulation, uses_deepspeed
 from phi3v_recipes.data.collate import build_collator
 from phi3v_recipes.data.dataset import EncodedDataset
@@ -52,9 +53,21 @@ from phi3v_recipes.trainer import RecipeTrainer, all_finite
 log = logging.getLogger("phi3v_recipes")
 
 
+def checkpointing_arguments(enabled: bool) -> dict[str, Any]:
+    """TrainingArguments' activation-checkpointing switch under the name this transformers gives it:
+    `activation_checkpointing` from 5.2x on (the old name warns there), `gradient_checkpointing` before (the GPU
+    image's 5.17 knows no other)."""
+    fields = {field.name for field in dataclasses.fields(TrainingArguments)}
+    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False}}
+
+
 def training_arguments(cfg: DictConfig, run_dir: Path) -> TrainingArguments:
     train, optim, hardware = cfg.train, cfg.optim, cfg.hardware
-    deepspeed = OmegaConf.to_container(cfg.strategy.deepspeed, resolve=True) if uses_deepspeed(cfg) else None
+    deepspeed = None
+    if uses_deepspeed(cfg):
+        deepspeed = OmegaConf.to_container(cfg.strategy.deepspeed, resolve=True)
+        single_process_rendezvous()
     return TrainingArguments(
         output_dir=str(run_dir),
         per_device_train_batch_size=train.batch_size,
@@ -69,8 +82,7 @@ def training_arguments(cfg: DictConfig, run_dir: Path) -> TrainingArguments:
         lr_scheduler_type=optim.scheduler,
         warmup_steps=optim.warmup_steps,
         max_grad_norm=optim.max_grad_norm,
-        activation_checkpointing=train.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False},
+        **checkpointing_arguments(train.gradient_checkpointing),
         bf16=hardware.precision == "bf16",
         fp16=hardware.precision == "fp16",
         use_cpu=hardware.name == "cpu",

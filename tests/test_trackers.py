@@ -180,6 +180,32 @@ def test_wandb_offline_run_continues_across_launches_with_each_step_once(interru
     assert config["optim.lr"] == 2e-3 and config["task.name"] == "demo"
 
 
+def test_tensorboard_shows_one_curve_with_each_step_once_across_launches(interrupted):
+    """TensorBoard: every launch writes into the one log directory `<run dir>/runs` (one event file each), and a
+    resumed launch's writer purges the steps after its checkpoint. Read back as TensorBoard reads it
+    (EventAccumulator), the run is one curve with steps 1..9 once each and the run's own values, although the
+    launch killed at step 5 had logged steps 4 and 5 that the next launch trained again."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logs = interrupted["run_dir"] / "runs"
+    files = sorted(logs.glob("events.out.tfevents.*"))
+    assert len(files) == 3 and not [p for p in logs.iterdir() if p.is_dir()]  # 3 launches, no directory per launch
+    raw_steps = []  # what the files hold before TensorBoard's purge: the killed launch's steps 4 and 5 twice
+    for file in files:
+        single = EventAccumulator(str(file), size_guidance={"scalars": 0}, purge_orphaned_data=False)
+        single.Reload()
+        raw_steps += [e.step for e in single.Scalars("train/loss")]
+    assert sorted(raw_steps) != list(range(1, 10)) and set(raw_steps) == set(range(1, 10))
+    events = EventAccumulator(str(logs), size_guidance={"scalars": 0})
+    events.Reload()
+    record = read_metrics(interrupted["run_dir"])["steps"]
+    for key, field in (("train/loss", "loss"), ("train/learning_rate", "learning_rate"),
+                       ("train/grad_norm", "grad_norm")):
+        points = events.Scalars(key)
+        assert [p.step for p in points] == list(range(1, 10)), key
+        assert [p.value for p in points] == pytest.approx([r[field] for r in record], rel=1e-6), key  # float32
+
+
 def test_a_sweep_is_one_experiment_and_one_wandb_group(store, tmp_path):
     """`-m optim.lr=1e-3,2e-3`: both jobs go to one MLflow experiment named after the sweep directory (one run
     each, with its own optim.lr) and share a wandb group named after it too."""

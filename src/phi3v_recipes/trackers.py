@@ -1,8 +1,11 @@
 """Experiment trackers (`report_to`): MLflow and Weights & Biases, one tracker run per training run.
 
-TensorBoard is Hugging Face's own callback (event files under `<run dir>/runs/`). MLflow and wandb are ours, over
-the libraries' client APIs, because a preempted run must come back to the same tracker run without logging any
-step twice, which the stock integrations do not do:
+TensorBoard is Hugging Face's own callback, live at every logging step, with two changes (`TensorBoard`): one log
+directory per run, `<run dir>/runs`, for every launch (Hugging Face makes one per launch), and a resumed launch's
+writer purges the steps after its checkpoint, which a launch killed between checkpoints had written and this one
+trains again; TensorBoard then shows one curve with each step once. MLflow and wandb are ours, over the libraries'
+client APIs, because a preempted run must come back to the same tracker run without logging any step twice, which
+the stock integrations do not do:
 
 - **One tracker run per training run.** The first launch creates the run and writes its id to
   `<run dir>/trackers.json`; every later launch of the same run directory reopens that run (MLflow: the run id;
@@ -34,6 +37,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from transformers import TrainerCallback
+from transformers.integrations import TensorBoardCallback
 
 from phi3v_recipes.errors import ConfigError
 from phi3v_recipes.files import atomic_write_text
@@ -56,9 +60,24 @@ def requested(cfg: DictConfig) -> list[str]:
     return [str(n) for n in names if str(n) != "none"]
 
 
-def hf_report_to(cfg: DictConfig) -> list[str]:
-    """What Hugging Face's `TrainingArguments.report_to` gets: TensorBoard only; MLflow and wandb are ours."""
-    return ["tensorboard"] if "tensorboard" in requested(cfg) else []
+class TensorBoard(TensorBoardCallback):
+    """Hugging Face's TensorBoard callback writing every launch of a run into `log_dir`; in a launch resumed at step
+    G, its writer starts with a purge at step G + 1 (`SummaryWriter(purge_step=)`), so TensorBoard drops what an
+    earlier launch logged past the checkpoint this launch trains again from."""
+
+    def __init__(self, log_dir: Path):
+        super().__init__()
+        self.logging_dir = str(log_dir)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero and self.tb_writer is None and state.global_step > 0:
+            self.tb_writer = self._SummaryWriter(log_dir=self.logging_dir, purge_step=state.global_step + 1)
+        super().on_train_begin(args, state, control, **kwargs)
+
+
+def tensorboard(cfg: DictConfig, run_dir: Path) -> list[TrainerCallback]:
+    """The TensorBoard callback when `report_to` names it (Hugging Face's own `report_to` stays empty)."""
+    return [TensorBoard(run_dir / "runs")] if "tensorboard" in requested(cfg) else []
 
 
 def check(cfg: DictConfig) -> None:
@@ -71,6 +90,9 @@ def check(cfg: DictConfig) -> None:
             raise ConfigError(f"report_to={name} is not a tracker this recipe supports; choose from {REPORT_TO}, or "
                               "a list of them (report_to=[tensorboard,mlflow]).")
     chosen = requested(cfg)
+    if "tensorboard" in chosen and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("report_to=tensorboard needs tensorboard, which is not installed; pip install tensorboard, "
+                          "or set report_to=none.")
     if "mlflow" in chosen:
         missing = [p for p in ("mlflow", "sqlalchemy", "alembic") if importlib.util.find_spec(p) is None]
         uri = mlflow_uri(cfg) or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"

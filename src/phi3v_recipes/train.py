@@ -47,7 +47,7 @@ from phi3v_recipes.report import write_report
 from phi3v_recipes.rundir import METRICS, SKIPPED, open_run_dir, read_skipped, record_skipped
 from phi3v_recipes.selection import Evaluations, predictions_name
 from phi3v_recipes.strategy import apply_strategy
-from phi3v_recipes.trackers import Trackers, hf_report_to
+from phi3v_recipes.trackers import Trackers, tensorboard
 from phi3v_recipes.trainer import RecipeTrainer, all_finite
 
 log = logging.getLogger("phi3v_recipes")
@@ -91,7 +91,7 @@ def training_arguments(cfg: DictConfig, run_dir: Path) -> TrainingArguments:
         save_steps=train.save_steps,
         save_total_limit=train.save_total_limit,
         logging_steps=train.logging_steps,
-        report_to=hf_report_to(cfg),  # tensorboard; MLflow and wandb are trackers.py's
+        report_to=[],  # every tracker is trackers.py's, TensorBoard included
         seed=train.seed,
         dataloader_num_workers=cfg.data.num_workers,
         remove_unused_columns=False,
@@ -181,7 +181,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         evaluator=evaluate_at,
         launch_started=launch_started,
     )
-    trainer.add_callback(trackers.callback(trainer))
+    for callback in [trackers.callback(trainer), *tensorboard(cfg, run_dir)]:
+        trainer.add_callback(callback)
     result = trainer.train(resume_from_checkpoint=resume)
     step = trainer.state.global_step
 

@@ -226,7 +226,9 @@ class RecipeTrainer(Trainer):
         if self.is_world_process_zero():
             log.info("evaluation at step %d: %s = %.4f (best %.4f at step %d)", step, metric, score, best["score"],
                      best["step"])
+        should_log = self.control.should_log
         self.log({f"eval_{metric}": score})
+        self.control.should_log = should_log  # Hugging Face's on_log clears it: this step's loss is still to log
         self.control.should_save = True  # the weights that scored are kept
         self.early_stop = self.evaluations.early_stop(step, max_steps)
         if self.early_stop is not None:

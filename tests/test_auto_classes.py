@@ -2,10 +2,14 @@
 processor's output feeds the model directly."""
 
 import json
+import logging
 
+import pytest
 import torch
 from PIL import Image
 from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor
+from transformers.utils import is_flash_attn_2_available
+from transformers.utils import logging as hf_logging
 
 from phi3v_recipes.model import Phi3VConfig, Phi3VForCausalLM, Phi3VProcessor
 from phi3v_recipes.model.tiny import TINY_NUM_IMG_TOKENS, build_tiny_processor, tiny_model_config
@@ -50,6 +54,33 @@ def test_auto_classes_load_an_official_layout_directory_without_remote_code(tmp_
     processor = AutoProcessor.from_pretrained(tmp_path)
     assert type(processor) is Phi3VProcessor
     assert processor.image_processor.num_crops == 4
+
+
+@pytest.mark.skipif(is_flash_attn_2_available(), reason="the fallback happens only without flash-attn")
+def test_a_saved_flash_preference_without_flash_attn_is_told_when_a_model_loads_only(tmp_path, caplog):
+    """config.json's `_attn_implementation: flash_attention_2` (the official files'), without flash-attn here:
+    loading the processor (whose tokenizer reads the config) says nothing, loading the model without
+    `attn_implementation=` says once which attention it uses instead, loading it with one says nothing, and a
+    saved copy's config.json records the official preference, not what this machine lacks."""
+    official_layout_checkpoint(tmp_path / "official")
+    told = "config.json asks for flash_attention_2, which is not installed: this model uses sdpa."
+
+    def warnings_while(load) -> list[str]:
+        hf_logging.get_logger("phi3v_recipes").warning_once.cache_clear()  # warned once per process otherwise
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            loaded = load()
+        return loaded, [r.getMessage() for r in caplog.records if "flash_attention_2" in r.getMessage()]
+
+    assert warnings_while(lambda: AutoProcessor.from_pretrained(tmp_path / "official"))[1] == []
+    model, told_now = warnings_while(lambda: AutoModelForCausalLM.from_pretrained(tmp_path / "official"))
+    assert [m.startswith(told) for m in told_now] == [True] and model.config._attn_implementation == "sdpa"
+    explicit = warnings_while(lambda: AutoModelForCausalLM.from_pretrained(tmp_path / "official",
+                                                                           attn_implementation="eager"))
+    assert explicit[1] == []
+    model.save_pretrained(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert saved["_attn_implementation"] == "flash_attention_2" and "_unavailable_attn" not in saved
 
 
 def test_the_reference_embedding_alias_in_a_checkpoint_is_ignored(tmp_path):

@@ -40,6 +40,8 @@ def checked_run(cfg: DictConfig) -> dict[str, Any]:
     log.info("command: %s", " ".join(sys.orig_argv))
     log.info("overrides: %s", " ".join(launch_overrides()) or "none")
     validate(cfg)
+    if cfg.hardware.name == "cpu":  # DeepSpeed (accelerate imports it) then skips its accelerator probe's warning
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from phi3v_recipes.train import run
 
     return run(cfg)

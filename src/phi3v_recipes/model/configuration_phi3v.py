@@ -27,14 +27,13 @@ from contextvars import ContextVar
 from typing import Any
 
 from transformers import CLIPVisionConfig, Phi3Config
-from transformers.utils import is_flash_attn_2_available, logging
+from transformers.utils import is_flash_attn_2_available
 
 try:  # transformers >= 5.20 builds declared sub-configs itself
     from transformers.configuration_utils import SubConfigSpec
 except ImportError:  # older transformers (the GPU image's 5.17, 4.x): `sub_configs` below, built in __post_init__
     SubConfigSpec = None
 
-logger = logging.get_logger(__name__)
 
 CLIP_VIT_L_14_336 = "openai/clip-vit-large-patch14-336"
 
@@ -126,14 +125,13 @@ class Phi3VConfig(Phi3Config):
             )
         # The official config.json records `_attn_implementation: flash_attention_2`: a preference of the machine
         # it was saved on, not a property of the weights. An explicit `attn_implementation=` wins over it, and
-        # without flash-attn installed it falls back to the default (sdpa).
+        # without flash-attn installed it falls back to the default (sdpa); a model built by `from_pretrained`
+        # says so (modeling_phi3v), a config read for its tokenizer alone does not.
         saved_attn = kwargs.pop("_attn_implementation", None)
+        self._unavailable_attn = None
         if kwargs.get("attn_implementation") is None and saved_attn is not None:
             if saved_attn == "flash_attention_2" and not is_flash_attn_2_available():
-                logger.warning_once(
-                    "config.json asks for flash_attention_2, which is not installed: using the default attention "
-                    "(sdpa). Pass attn_implementation= to choose another."
-                )
+                self._unavailable_attn = saved_attn
             else:
                 kwargs["attn_implementation"] = saved_attn
         if SubConfigSpec is None and not isinstance(self.vision_config, CLIPVisionConfig):
@@ -201,6 +199,7 @@ class Phi3VConfig(Phi3Config):
 
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()
+        output.pop("_unavailable_attn", None)  # what this machine lacks is no property of the model
         return output if _TRANSFORMERS_LAYOUT.get() else self._official_layout(output)
 
     def to_diff_dict(self) -> dict[str, Any]:

@@ -45,10 +45,12 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.models.clip.modeling_clip import CLIPEncoder, CLIPVisionEmbeddings
 from transformers.models.phi3.modeling_phi3 import Phi3Model, Phi3PreTrainedModel
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, can_return_tuple, is_liger_kernel_available
+from transformers.utils import TransformersKwargs, can_return_tuple, is_liger_kernel_available, logging
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_phi3v import Phi3VConfig
+
+logger = logging.get_logger(__name__)
 
 # transformers 5.24 renamed the key-value cache argument and output field from `past_key_values` to `cache`; the
 # GPU image's transformers (5.17) has the old name. Our signatures take `cache` (and `past_key_values` through
@@ -210,10 +212,17 @@ class Phi3VPreTrainedModel(Phi3PreTrainedModel):
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
         # Loading creates fresh parameters (requires_grad=True): freeze the never-run CLIP layers again.
-        for module in (loaded[0] if isinstance(loaded, tuple) else loaded).modules():
+        for module in model.modules():
             if isinstance(module, Phi3VImageEmbedding):
                 module.freeze_unused()
+        unavailable = getattr(model.config, "_unavailable_attn", None)
+        if unavailable and kwargs.get("attn_implementation") is None:
+            logger.warning_once(
+                f"config.json asks for {unavailable}, which is not installed: this model uses "
+                f"{model.config._attn_implementation}. Pass attn_implementation= to choose another."
+            )
         return loaded
 
     def save_pretrained(

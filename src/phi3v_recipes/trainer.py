@@ -30,6 +30,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -194,6 +195,14 @@ class RecipeTrainer(Trainer):
             self.control.should_training_stop = True
             log.info("training stopped early at step %d (eval.patience=%s): nothing more to train", step,
                      self.evaluations.patience)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        # transformers reads the checkpoint's config.json with its base config class, only to compare the version
+        # it was saved with; the official layout's `rope_scaling` (what Microsoft's code and vLLM read) makes that
+        # class warn that the key is deprecated. No call of ours sets it; this one message is not the user's.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="`rope_scaling` is deprecated", category=FutureWarning)
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def training_step(self, model: torch.nn.Module, inputs: dict, num_items_in_batch: Any = None) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)

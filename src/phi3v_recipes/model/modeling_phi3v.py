@@ -225,6 +225,12 @@ class Phi3VPreTrainedModel(Phi3PreTrainedModel):
             )
         return loaded
 
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """Whether activation checkpointing is on, under the name peft (0.21) still reads when it wraps a model:
+        transformers 5.2x renamed it `is_activation_checkpointing` and warns on the old one; 5.17 has only this."""
+        return any(getattr(module, "gradient_checkpointing", False) for module in self.modules())
+
     def save_pretrained(
         self,
         save_directory: str | os.PathLike,

@@ -14,7 +14,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from phi3v_recipes.cli import on_cpu_only, one_sentence_errors, register_resolvers
+from phi3v_recipes.cli import one_sentence_errors, register_resolvers, tell_deepspeed_cpu
 from phi3v_recipes.cluster import launch_overrides
 from phi3v_recipes.config import validate
 
@@ -40,7 +40,7 @@ def checked_run(cfg: DictConfig) -> dict[str, Any]:
     log.info("command: %s", " ".join(sys.orig_argv))
     log.info("overrides: %s", " ".join(launch_overrides()) or "none")
     validate(cfg)
-    on_cpu_only(cfg.hardware.name == "cpu")
+    tell_deepspeed_cpu(cfg.hardware.name == "cpu")
     from phi3v_recipes.train import run
 
     return run(cfg)

@@ -74,10 +74,10 @@ def gpu_attention() -> str:
     return "flash_attention_2" if importlib.util.find_spec("flash_attn") is not None else "flex_attention"
 
 
-def on_cpu_only(cpu: bool) -> None:
+def tell_deepspeed_cpu(on_cpu: bool) -> None:
     """Before the libraries load: when this process runs on the CPU, tell DeepSpeed (which accelerate and peft
     import), so that its accelerator probe does not print that it found no GPU."""
-    if cpu:
+    if on_cpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 

@@ -111,15 +111,16 @@ def single_process_rendezvous() -> None:
     own on a free local port, for the libraries that join one even alone (DeepSpeed). Left to themselves they
     look for an MPI launcher (an ImportError without mpi4py; with it, port 29500 for every run), so a second such
     run on the same machine (a sweep's jobs on other GPUs, tests side by side) failed with EADDRINUSE. Launched
-    processes keep their launcher's rendezvous."""
+    processes keep their launcher's rendezvous; a MASTER_PORT set by the user is kept."""
     export_distributed_env()
-    if "WORLD_SIZE" in os.environ or "MASTER_PORT" in os.environ:
+    if "WORLD_SIZE" in os.environ:
         return
-    with socket.socket() as probe:  # a port free now; the store binds it a moment later
-        probe.bind(("", 0))
-        port = probe.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                      MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"), MASTER_PORT=str(port))
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as probe:  # a port free now; the store binds it a moment later
+            probe.bind(("", 0))
+            os.environ["MASTER_PORT"] = str(probe.getsockname()[1])
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
 
 
 def launch_overrides() -> list[str]:

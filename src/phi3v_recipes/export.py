@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from phi3v_recipes.cli import exit_on_user_error, on_cpu_only, one_sentence_errors, register_resolvers
+from phi3v_recipes.cli import exit_on_user_error, one_sentence_errors, register_resolvers, tell_deepspeed_cpu
 from phi3v_recipes.config import check_output_dir
 from phi3v_recipes.errors import ConfigError
 from phi3v_recipes.rundir import checkpoints, run_config
@@ -115,7 +115,7 @@ def check_settings(cfg: DictConfig) -> Path:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Write the export `cfg` asks for; return what was written (also printed)."""
     output = check_settings(cfg)
-    on_cpu_only(cfg.device == "cpu")
+    tell_deepspeed_cpu(cfg.device == "cpu")
     import torch
 
     from phi3v_recipes.loading import TINY, adapter_base, load_model

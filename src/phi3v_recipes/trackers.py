@@ -1,9 +1,9 @@
 """Experiment trackers (`report_to`): MLflow and Weights & Biases, one tracker run per training run.
 
 TensorBoard is Hugging Face's own callback, live at every logging step, with two changes (`TensorBoard`): one log
-directory per run, `<run dir>/runs`, for every launch (Hugging Face makes one per launch), and a resumed launch's
-writer purges the steps after its checkpoint, which a launch killed between checkpoints had written and this one
-trains again; TensorBoard then shows one curve with each step once. MLflow and wandb are ours, over the libraries'
+directory per run, `<run dir>/runs`, for every launch (Hugging Face makes one per launch), and each launch's
+writer purges the steps after the one it starts from (its checkpoint's, or 0), which a launch killed between
+checkpoints had written and this one trains again; TensorBoard then shows one curve with each step once. MLflow and wandb are ours, over the libraries'
 client APIs, because a preempted run must come back to the same tracker run without logging any step twice, which
 the stock integrations do not do:
 
@@ -61,16 +61,16 @@ def requested(cfg: DictConfig) -> list[str]:
 
 
 class TensorBoard(TensorBoardCallback):
-    """Hugging Face's TensorBoard callback writing every launch of a run into `log_dir`; in a launch resumed at step
-    G, its writer starts with a purge at step G + 1 (`SummaryWriter(purge_step=)`), so TensorBoard drops what an
-    earlier launch logged past the checkpoint this launch trains again from."""
+    """Hugging Face's TensorBoard callback writing every launch of a run into `log_dir`; a launch starting at step
+    G (0, or the checkpoint it resumed) opens its writer with a purge at step G + 1 (`SummaryWriter(purge_step=)`),
+    so TensorBoard drops what an earlier launch logged past that point, the steps this launch trains again."""
 
     def __init__(self, log_dir: Path):
         super().__init__()
         self.logging_dir = str(log_dir)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.is_world_process_zero and self.tb_writer is None and state.global_step > 0:
+        if state.is_world_process_zero and self.tb_writer is None:
             self.tb_writer = self._SummaryWriter(log_dir=self.logging_dir, purge_step=state.global_step + 1)
         super().on_train_begin(args, state, control, **kwargs)
 

@@ -67,7 +67,7 @@ def training_arguments(cfg: DictConfig, run_dir: Path) -> TrainingArguments:
     deepspeed = None
     if uses_deepspeed(cfg):
         deepspeed = OmegaConf.to_container(cfg.strategy.deepspeed, resolve=True)
-        single_process_rendezvous()
+        single_process_rendezvous()  # before these arguments' first device query, where DeepSpeed joins a group
     return TrainingArguments(
         output_dir=str(run_dir),
         per_device_train_batch_size=train.batch_size,

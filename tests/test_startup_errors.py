@@ -210,6 +210,8 @@ CLI_CASES = {
                            "error: output=/proc/1/out/answers.jsonl: /proc/1 is not writable here"),
     "unwritable_export": ("phi3v_recipes.export", ["model.name_or_path=.", "output=/proc/1/export"],
                           "error: output=/proc/1/export: /proc/1 is not writable here"),
+    # data.check's answer to a mistyped path comes before the processor code loads (was 7 s of imports)
+    "check_missing": ("phi3v_recipes.data.check", ["no-such.jsonl"], "error: no-such.jsonl does not exist"),
 }
 
 

@@ -27,9 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from phi3v_recipes.data.encode import too_long, user_content
 from phi3v_recipes.data.jsonl import read_jsonl
-from phi3v_recipes.data.lengths import sample_length
 from phi3v_recipes.data.sample import Sample, load_image
 from phi3v_recipes.errors import SampleError, check_on_error
 
@@ -43,6 +41,8 @@ def count_tokens(sample: Sample, processor: Any, images: Sequence[Sequence[Any]]
     `images`, when given, are the turns' images already loaded (one list per turn), so they are not read twice;
     otherwise they are read with the `max_pixels` limit (data.max_image_pixels), as training reads them.
     """
+    from phi3v_recipes.data.lengths import sample_length  # here, not at the top: see sample_problems
+
     loaded = images if images is not None else [[load_image(ref, sample, max_pixels) for ref in turn.images]
                                                 for turn in sample.turns]
     return sample_length(sample, processor, [[image.size for image in turn] for turn in loaded])
@@ -64,6 +64,10 @@ def sample_problems(
     first one: each turn's texts and image tags and each image (read as training reads it: decoded, at most
     `max_pixels` pixels) are checked, then the length of a sound sample. Remarks that are not problems (an
     animation's first frame is used) go to `notes`."""
+    # here, not at the top: with the processor code they load torch and transformers, which the command's
+    # answer to a missing file does not need
+    from phi3v_recipes.data.encode import too_long, user_content
+
     if not sample.turns:
         return None, [f"{sample.where}: the conversation has no turns."]
     problems: list[str] = []

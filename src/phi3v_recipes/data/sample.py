@@ -16,7 +16,6 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from phi3v_recipes.errors import SampleError
-from phi3v_recipes.model.image_processing_phi3v import convert_image_to_rgb
 
 ImageRef = Image.Image | str | Path | Callable[[], Image.Image]
 """An image, a path to one, or a callable that opens one (for dataset rows): it may return the image before its
@@ -81,7 +80,12 @@ def to_rgb8(image: Image.Image) -> Image.Image:
             scale, offset = (255.0 / (high - low) if high > low else 0.0), low
         pixels = np.clip(np.rint((values - offset) * scale), 0, 255).astype(np.uint8)
         return Image.fromarray(pixels, mode="L").convert("RGB")
-    return image if image.mode == "RGB" else convert_image_to_rgb(image)
+    if image.mode == "RGB":
+        return image
+    # the processor's own conversion; imported here, as the model package loads torch and transformers
+    from phi3v_recipes.model.image_processing_phi3v import convert_image_to_rgb
+
+    return convert_image_to_rgb(image)
 
 
 @contextmanager

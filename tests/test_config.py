@@ -211,3 +211,29 @@ def test_configs_ship_inside_the_package():
     assert list(phi3v_recipes.conf.__path__) == [str(ROOT / "conf")] or (ROOT / "conf").samefile(
         list(phi3v_recipes.conf.__path__)[0]
     )
+
+
+def test_the_checkpointing_switch_takes_the_name_of_the_installed_transformers():
+    """TrainingArguments calls activation checkpointing `activation_checkpointing` from transformers 5.2x on (the
+    old name warns there) and `gradient_checkpointing` before (the lent GPU image's 5.17 rejects the new name:
+    every training run failed there at start-up); the recipe passes whichever the installed class declares."""
+    import dataclasses
+
+    from phi3v_recipes.train import checkpointing_arguments
+
+    @dataclasses.dataclass
+    class Before:  # the fields of transformers 5.17's TrainingArguments
+        gradient_checkpointing: bool = False
+        gradient_checkpointing_kwargs: dict | None = None
+
+    @dataclasses.dataclass
+    class After:
+        activation_checkpointing: bool = False
+        activation_checkpointing_kwargs: dict | None = None
+
+    assert checkpointing_arguments(True, Before) == {"gradient_checkpointing": True,
+                                                     "gradient_checkpointing_kwargs": {"use_reentrant": False}}
+    assert checkpointing_arguments(False, After) == {"activation_checkpointing": False,
+                                                     "activation_checkpointing_kwargs": {"use_reentrant": False}}
+    Before(**checkpointing_arguments(True, Before))  # each class accepts what it is given
+    After(**checkpointing_arguments(True, After))

@@ -53,11 +53,11 @@ from phi3v_recipes.trainer import RecipeTrainer, all_finite
 log = logging.getLogger("phi3v_recipes")
 
 
-def checkpointing_arguments(enabled: bool) -> dict[str, Any]:
+def checkpointing_arguments(enabled: bool, arguments: type = TrainingArguments) -> dict[str, Any]:
     """TrainingArguments' activation-checkpointing switch under the name this transformers gives it:
     `activation_checkpointing` from 5.2x on (the old name warns there), `gradient_checkpointing` before (the GPU
     image's 5.17 knows no other)."""
-    fields = {field.name for field in dataclasses.fields(TrainingArguments)}
+    fields = {field.name for field in dataclasses.fields(arguments)}
     name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     return {name: enabled, f"{name}_kwargs": {"use_reentrant": False}}
 

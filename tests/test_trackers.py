@@ -184,7 +184,8 @@ def test_tensorboard_shows_one_curve_with_each_step_once_across_launches(interru
     """TensorBoard: every launch writes into the one log directory `<run dir>/runs` (one event file each), and a
     resumed launch's writer purges the steps after its checkpoint. Read back as TensorBoard reads it
     (EventAccumulator), the run is one curve with steps 1..9 once each and the run's own values, although the
-    launch killed at step 5 had logged steps 4 and 5 that the next launch trained again."""
+    launch killed at step 5 had logged steps 4 and 5 that the next launch trained again. train.log has each step's
+    line with the run's loss, the evaluation steps' too (an evaluation's log no longer cancels its step's)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     logs = interrupted["run_dir"] / "runs"
@@ -199,6 +200,8 @@ def test_tensorboard_shows_one_curve_with_each_step_once_across_launches(interru
     events = EventAccumulator(str(logs), size_guidance={"scalars": 0})
     events.Reload()
     record = read_metrics(interrupted["run_dir"])["steps"]
+    log = (interrupted["run_dir"] / "train.log").read_text()  # the evaluation steps 3, 6, 9 have their line too
+    assert all(f"step {r['step']}/9: loss {r['loss']:.6f}" in log for r in record)
     for key, field in (("train/loss", "loss"), ("train/learning_rate", "learning_rate"),
                        ("train/grad_norm", "grad_norm")):
         points = events.Scalars(key)

@@ -183,3 +183,39 @@ def test_resume_without_a_checkpoint_fails_early(tmp_path):
     out = run_cli([*SMALL_DEMO, "train.resume=true", f"run.output_dir={tmp_path / 'empty'}"], cwd=tmp_path)
     assert out.returncode == 2 and "holds no complete checkpoint-* directory" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("ci", [False, True])
+def test_transformers_messages_reach_the_run_log_once_whether_or_not_ci_is_set(ci, tmp_path):
+    """train.log holds transformers' log records, once each, on every machine: so check_trained_run's "no WARNING"
+    covers the library's warnings on a laptop as in CI. transformers passes its records on to the root logger only
+    where the environment variable CI is set (its own choice, made when it first logs); a sweep sets up the run's
+    logging again for each job in one process."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    from phi3v_recipes.cli import library_logs_to_files
+
+    library = hf_logging.get_logger()
+    root = logging.getLogger()
+    before = (library.propagate, list(library.handlers), list(root.handlers))
+    library.propagate = ci  # what transformers sets from CI
+    logs = [tmp_path / "job0.log", tmp_path / "job1.log"]
+    try:
+        for log in logs:  # two jobs of a sweep: each gets its own file handler on the root logger
+            for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+                root.removeHandler(handler)
+            root.addHandler(logging.FileHandler(log))
+            library_logs_to_files()
+            hf_logging.get_logger("transformers.trainer_utils").warning("message for %s", log.name)
+        for handler in root.handlers:
+            handler.flush()
+    finally:
+        for handler in [h for h in root.handlers if h not in before[2]]:
+            root.removeHandler(handler)
+            handler.close()
+        library.propagate = before[0]
+        library.handlers[:] = before[1]
+    assert logs[0].read_text() == "message for job0.log\n"
+    assert logs[1].read_text() == "message for job1.log\n"

@@ -68,6 +68,25 @@ def log_to_files(message: str, level: int = logging.INFO) -> None:
             handler.handle(record)
 
 
+def library_logs_to_files() -> None:
+    """Python warnings and transformers' log records go to the run's log files too, the same on every machine.
+
+    transformers prints through a stderr handler of its own and passes its records on to the root logger (the
+    run's handlers) only where the environment variable CI is set, which then also prints them twice. Here it
+    never passes them on, and the root logger's file handlers are attached to it directly. Call after Hydra has
+    configured logging, where transformers is imported anyway (training, evaluation)."""
+    from transformers.utils import logging as hf_logging
+
+    logging.captureWarnings(True)
+    library = hf_logging.get_logger()  # the library's root logger, configured by transformers on first use
+    library.propagate = False
+    for handler in [h for h in library.handlers if isinstance(h, logging.FileHandler)]:
+        library.removeHandler(handler)  # an earlier job's (a sweep runs its jobs in one process)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            library.addHandler(handler)
+
+
 def gpu_attention() -> str:
     """The GPU profiles' attention: flash-attention 2 where flash-attn is installed, else PyTorch's FlexAttention
     (which also attends packed rows per sample, without flash-attn's variable-length kernels)."""

@@ -11,7 +11,12 @@ import json
 import hydra
 from omegaconf import DictConfig
 
-from phi3v_recipes.cli import exit_on_user_error, one_sentence_errors, register_resolvers
+from phi3v_recipes.cli import (
+    exit_on_user_error,
+    library_logs_to_files,
+    one_sentence_errors,
+    register_resolvers,
+)
 from phi3v_recipes.cluster import output_dir, rank
 from phi3v_recipes.config import check_hardware, check_settings
 from phi3v_recipes.errors import ConfigError, check_on_error
@@ -30,6 +35,7 @@ def run(cfg: DictConfig) -> dict:
     from phi3v_recipes.evaluation import evaluate
     from phi3v_recipes.loading import load_for_inference
 
+    library_logs_to_files()
     run_dir = output_dir(cfg)
     model, processor = load_for_inference(cfg)
     samples, problems = load_split(cfg.task, "eval")

@@ -29,7 +29,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import TrainingArguments, set_seed
 
-from phi3v_recipes.cli import log_to_files
+from phi3v_recipes.cli import library_logs_to_files, log_to_files
 from phi3v_recipes.cluster import output_dir, resume_command, single_process_rendezvous, world_size
 from phi3v_recipes.config import gradient_accumulation, uses_deepspeed
 from phi3v_recipes.data.collate import build_collator
@@ -41,6 +41,7 @@ from phi3v_recipes.errors import ConfigError, RunStopped, SampleError
 from phi3v_recipes.evaluation import evaluate
 from phi3v_recipes.files import atomic_write_text
 from phi3v_recipes.loading import TINY, load_model, load_processor, model_path, write_tiny_base
+from phi3v_recipes.model.metadata import align_eos_for_training
 from phi3v_recipes.model.modeling_phi3v import set_supervised_logits
 from phi3v_recipes.preemption import StopSignals
 from phi3v_recipes.report import write_report
@@ -105,7 +106,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Train and evaluate as `cfg` says (validated: config.validate); return the metrics (also written to
     <run dir>/metrics.json)."""
     start, launch_started = time.perf_counter(), time.time()
-    logging.captureWarnings(True)  # library warnings go to train.log too
+    library_logs_to_files()  # Python warnings and transformers' messages go to train.log too
     run_dir = output_dir(cfg)
     args = training_arguments(cfg, run_dir)
     main = args.process_index == 0
@@ -142,7 +143,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise SampleError(f"task={cfg.task.name} has no usable training samples.")
     check_held_out(cfg, eval_samples)
 
-    model = apply_strategy(load_model(cfg, path), cfg)
+    model = load_model(cfg, path)
+    align_eos_for_training(model, processor.tokenizer)  # what the Trainer would do, with a warning, at every launch
+    model = apply_strategy(model, cfg)
     metric = cfg.task.metric
     metrics: dict[str, Any] = {"task": cfg.task.name, "strategy": cfg.strategy.name, "metric": metric}
 

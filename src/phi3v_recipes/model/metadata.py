@@ -29,8 +29,8 @@ from phi3v_recipes.model.processing_phi3v import (
     EOS_TOKEN,
 )
 
-__all__ = ["OFFICIAL_TOKENIZER_CLASS", "STOP_TOKENS", "absolute_paths", "finish_saved_model", "stop_ids",
-           "write_serving_metadata"]
+__all__ = ["OFFICIAL_TOKENIZER_CLASS", "STOP_TOKENS", "absolute_paths", "align_eos_for_training",
+           "finish_saved_model", "stop_ids", "write_serving_metadata"]
 
 STOP_TOKENS = (ENDOFTEXT_TOKEN, ASSISTANT_TOKEN, END_TOKEN)
 """The tokens `generate` stops on: the official `generation_config.json`'s `eos_token_id` [32000, 32001, 32007]."""
@@ -78,6 +78,28 @@ def _portable(value: Any) -> Any:
     if isinstance(value, list):
         return [_portable(item) for item in value]
     return portable_name(value) if absolute_paths(value) else value
+
+
+def align_eos_for_training(model: Any, tokenizer: Any) -> bool:
+    """Give the in-memory configs of `model` the tokenizer's eos, as Hugging Face's Trainer would, where they differ
+    only as the official files do: config.json's eos is `</s>` while the tokenizer's is `<|endoftext|>`.
+
+    The Trainer aligns them at every launch with a warning that would then be about the official checkpoint itself;
+    done here it is the expected case and stays quiet. As the Trainer does, the model config's eos becomes the
+    tokenizer's and the generation config adds it to its stop ids (no id is removed). A saved model gets the
+    official values back from `write_serving_metadata`. Any other difference (a tokenizer with its own eos, pad or
+    bos) is left to the Trainer and its warning. True when something changed.
+    """
+    eos = tokenizer.eos_token_id
+    config = model.config.get_text_config()
+    if tokenizer.eos_token != ENDOFTEXT_TOKEN or config.eos_token_id != tokenizer.convert_tokens_to_ids(EOS_TOKEN):
+        return False
+    config.eos_token_id = eos
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        stops = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
+        generation.eos_token_id = [eos, *(stop for stop in stops if stop is not None and stop != eos)]
+    return True
 
 
 def write_serving_metadata(directory: str | Path) -> None:

@@ -209,6 +209,35 @@ def test_tensorboard_shows_one_curve_with_each_step_once_across_launches(interru
         assert [p.value for p in points] == pytest.approx([r[field] for r in record], rel=1e-6), key  # float32
 
 
+def test_tensorboard_drops_the_steps_of_a_launch_killed_before_its_first_checkpoint(tmp_path):
+    """A launch killed with SIGKILL before any checkpoint leaves steps in `<run dir>/runs`; the relaunch starts the
+    run again from step 0 and its writer purges every step after 0, so TensorBoard shows the relaunch's curve
+    alone: steps 1..9 once, with the values of metrics.json (not the killed launch's)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    args = [*RUN[:4], "train.logging_steps=1", "train.save_steps=100", "optim.warmup_steps=2", "optim.lr=2e-3",
+            "eval.before=false", "eval.after=false", "report_to=tensorboard", f"run.output_dir={run_dir}"]
+    proc = start(args, tmp_path, threads=1)
+    stop_after(proc, run_dir, "step 2/9", signal.SIGKILL)
+    assert not list(run_dir.glob("checkpoint-*"))
+    out = run_cli(args, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+    logs = run_dir / "runs"
+    (killed, finished) = sorted(logs.glob("events.out.tfevents.*"))
+    first = EventAccumulator(str(killed), size_guidance={"scalars": 0}, purge_orphaned_data=False)
+    first.Reload()
+    assert [e.step for e in first.Scalars("train/loss")][:2] == [1, 2]  # the killed launch's steps are on disk
+    events = EventAccumulator(str(logs), size_guidance={"scalars": 0})
+    events.Reload()
+    record = read_metrics(run_dir)["steps"]
+    points = events.Scalars("train/loss")
+    assert [p.step for p in points] == list(range(1, 10))
+    assert [p.value for p in points] == pytest.approx([r["loss"] for r in record], rel=1e-6)
+    assert [p.wall_time for p in points][0] > max(e.wall_time for e in first.Scalars("train/loss"))
+
+
 def test_a_sweep_is_one_experiment_and_one_wandb_group(store, tmp_path):
     """`-m optim.lr=1e-3,2e-3`: both jobs go to one MLflow experiment named after the sweep directory (one run
     each, with its own optim.lr) and share a wandb group named after it too."""

@@ -219,3 +219,25 @@ def test_transformers_messages_reach_the_run_log_once_whether_or_not_ci_is_set(c
         library.handlers[:] = before[1]
     assert logs[0].read_text() == "message for job0.log\n"
     assert logs[1].read_text() == "message for job1.log\n"
+
+
+def test_only_the_official_eos_pairing_is_aligned_before_training():
+    """Phi-3-V's config names `</s>` as eos while its tokenizer's eos is `<|endoftext|>`: training gives the
+    in-memory config the tokenizer's eos and adds it to the stop ids, as the Trainer would (with a warning at every
+    launch; check_trained_run holds train.log free of it). A tokenizer whose eos is some other token is not
+    touched, so the Trainer still warns about that one."""
+    from phi3v_recipes.model import Phi3VForCausalLM
+    from phi3v_recipes.model.metadata import align_eos_for_training
+    from phi3v_recipes.model.tiny import build_tiny_processor, tiny_model_config
+
+    tokenizer = build_tiny_processor().tokenizer
+    model = Phi3VForCausalLM(tiny_model_config(vocab_size=len(tokenizer)))
+    eos, endoftext = tokenizer.convert_tokens_to_ids(["</s>", "<|endoftext|>"])
+    assert model.config.eos_token_id == eos and model.generation_config.eos_token_id == eos
+    assert align_eos_for_training(model, tokenizer)
+    assert model.config.eos_token_id == endoftext and model.generation_config.eos_token_id == [endoftext, eos]
+
+    other = Phi3VForCausalLM(tiny_model_config(vocab_size=len(tokenizer)))
+    tokenizer.eos_token = "<|end|>"
+    assert not align_eos_for_training(other, tokenizer)
+    assert other.config.eos_token_id == eos and other.generation_config.eos_token_id == eos

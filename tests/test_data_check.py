@@ -31,6 +31,13 @@ BAD_CASES = [
                             "data.max_image_pixels=89478485"),
     (12, "path-escapes", "image ../outside.png leads outside the image root {root}"),
     (13, "symlink-escapes", "image link.png leads outside the image root {root}"),
+    (14, None, "JSON nested too deeply to read"),
+    (15, "lone-surrogate", "a text holds a lone surrogate escape"),
+    (16, None, "Exceeds the limit (4300 digits)"),  # Python's own words, with the file:line put before them
+    (17, "nul-in-path", "image path 'red\\x00.png' is empty or holds a NUL character"),
+    (18, "singular-image", "turn 1 has unknown key(s) ['image']"),
+    (19, "image-at-top", "'image' belongs in a turn of 'conversations'"),
+    (20, None, "'id' must be a non-empty string or a whole number, got None"),
 ]
 
 
@@ -76,6 +83,13 @@ def tree(tmp_path_factory) -> Path:
         {"id": "oversized-image", "conversations": [{**turn, "images": ["huge.png"]}]},
         {"id": "path-escapes", "conversations": [{**turn, "images": ["../outside.png"]}]},
         {"id": "symlink-escapes", "conversations": [{**turn, "images": ["link.png"]}]},
+        '{"id": "deep", "conversations": ' + "[" * 100_000 + "]" * 100_000 + "}",
+        '{"id": "lone-surrogate", "conversations": [{"user": "What?\\ud800", "assistant": "red"}]}',
+        '{"id": "huge-number", "conversations": [], "weight": ' + "9" * 5000 + "}",
+        {"id": "nul-in-path", "conversations": [{**turn, "images": ["red\x00.png"]}]},
+        {"id": "singular-image", "conversations": [{"image": "red.png", "user": "What color?", "assistant": "red"}]},
+        {"id": "image-at-top", "image": "red.png", "conversations": [{**turn, "images": []}]},
+        {"id": None, "conversations": [turn]},
         *[good(i, color) for i, color in zip(range(2, 9), ["blue", "red"] * 4, strict=False)],
         {"id": "absolute-path", "conversations": [{**turn, "images": [str(root / "outside.png")]}]},  # allowed
     ]

@@ -64,6 +64,20 @@ BAD_SETTINGS = [
     ("strategy.lora.rank=0", "strategy.lora.rank=0 is out of range"),
     ("strategy.lora.alpha=-2", "strategy.lora.alpha=-2 is out of range"),
     ("strategy.lora.dropout=1", "strategy.lora.dropout=1 is out of range"),
+    ("hardware.deepspeed=yes", "hardware.deepspeed='yes' is not true or false"),
+    ("strategy.freeze_vision='false'", "strategy.freeze_vision='false' is not true or false"),
+    ("strategy.quantization.double_quant=maybe", "strategy.quantization.double_quant='maybe' is not true or false"),
+    ("strategy.quantization.quant_type=foo", "strategy.quantization.quant_type=foo: choose one of nf4, fp4"),
+    ("strategy.quantization.compute_dtype=foo", "strategy.quantization.compute_dtype=foo: choose one of float32"),
+    ("strategy.lora.init=foo", "strategy.lora.init=foo is not a LoRA initialisation this recipe applies"),
+    ("strategy.lora.target_modules=qkv_proj", "strategy.lora.target_modules=qkv_proj is not a list of module names"),
+    ("strategy.lora.target_modules=[]", "strategy.lora.target_modules=[] puts no adapter on the language model"),
+    ("hardware.precision=fp16", "hardware.precision=fp16 has no effect on hardware=cpu"),
+    ("model.name_or_path=null", "model.name_or_path=None names no model"),
+    ("task.metric=bleu", "task.metric=bleu is not a metric"),
+    ("run.stop_signals=[SIGFOO]", "run.stop_signals: SIGFOO is not a signal this process can catch"),
+    ("run.stop_signals=[SIGKILL]", "run.stop_signals: SIGKILL is not a signal this process can catch"),
+    ("run.stop_signals=SIGTERM", "run.stop_signals=SIGTERM is not a list"),
     ("train.epochs=0", "train.epochs=0 with train.max_steps=-1 trains nothing"),
     ("train.max_steps=0 train.epochs=0", "train.epochs=0 with train.max_steps=0 trains nothing"),
 ]
@@ -82,6 +96,7 @@ def base_configs(tmp_path_factory):
     configs = {strategy: compose_config("hardware=cpu", f"strategy={strategy}", f"run.output_dir={run_dir}")
                for strategy in ("full", "lora")}
     configs["nlvr2"] = compose_config("hardware=cpu", "task=nlvr2", f"run.output_dir={run_dir}")
+    configs["qlora"] = compose_config("hardware=cpu", "strategy=qlora", f"run.output_dir={run_dir}")
     return configs
 
 
@@ -90,7 +105,8 @@ def test_bad_numeric_settings_are_one_sentence(overrides, words, base_configs):
     """Each non-numeric, non-boolean or out-of-range value (and a run without training steps) is a ConfigError
     whose message names the setting and its value, and says what to give. Values are parsed as on the command
     line."""
-    base = "lora" if overrides.startswith("strategy.lora") else "nlvr2" if overrides.startswith("task=") else "full"
+    base = ("lora" if overrides.startswith("strategy.lora") else "qlora" if overrides.startswith("strategy.quant")
+            else "nlvr2" if overrides.startswith("task=") else "full")
     cfg = copy.deepcopy(base_configs[base])
     for override in OverridesParser.create().parse_overrides(overrides.split()[base == "nlvr2":]):
         OmegaConf.update(cfg, override.key_or_group, override.value(), merge=False)

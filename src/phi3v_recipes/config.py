@@ -7,6 +7,7 @@ never a traceback from deep inside a library.
 import importlib.util
 import math
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +116,9 @@ SETTINGS = (
     Setting("task.seed", int, 0),
     Setting("task.eval_holdout", int, 0),
     Setting("task.num_images", int, 1, nullable=True),
+    Setting("hardware.deepspeed", bool),
+    Setting("strategy.freeze_vision", bool),
+    Setting("strategy.quantization.double_quant", bool),
     Setting("strategy.lora.rank", int, 1),
     Setting("strategy.lora.alpha", float, 0, low_open=True),
     Setting("strategy.lora.dropout", float, 0, 1, high_open=True),
@@ -158,6 +162,73 @@ def check_scheduler(name: Any) -> None:
                             f"choose one of {', '.join(known)}.")
 
 
+def check_model_path(path: Any) -> None:
+    """ConfigError unless model.name_or_path is a non-empty string (a hub id, a directory or `tiny`)."""
+    _require(isinstance(path, str) and path.strip() != "",
+             f"model.name_or_path={path!r} names no model; give a hub id, a local directory, a run directory or "
+             "`tiny` (the offline demo model).")
+
+
+def check_metric(name: Any) -> None:
+    """ConfigError unless task.metric names one of metrics.METRICS (before training, not at its first evaluation)."""
+    from phi3v_recipes.metrics import METRICS
+
+    known = sorted(METRICS)
+    _require(name in METRICS, f"task.metric={name} is not a metric{closest(str(name), known)}; choose one of "
+                              f"{', '.join(known)}.")
+
+
+def check_stop_signals(names: Any) -> None:
+    """ConfigError unless run.stop_signals is a list of signal names that a process can catch."""
+    import signal
+
+    _require(OmegaConf.is_list(names) or isinstance(names, list | tuple),
+             f"run.stop_signals={names} is not a list; give signal names, e.g. run.stop_signals=[SIGTERM,SIGINT].")
+    catchable = sorted(s.name for s in signal.Signals if s not in (signal.SIGKILL, signal.SIGSTOP)
+                       and s.name.startswith("SIG") and not s.name.startswith("SIG_"))
+    for name in names:
+        _require(name in catchable, f"run.stop_signals: {name} is not a signal this process can catch"
+                                    f"{closest(str(name), catchable)}; choose from {', '.join(catchable)}.")
+
+
+QUANT_TYPES = ("nf4", "fp4")
+
+
+def check_strategy_names(strategy: DictConfig) -> None:
+    """ConfigError for a LoRA target list that is not a list of names, or a 4-bit setting bitsandbytes lacks."""
+    lora = strategy.get("lora")
+    if lora:
+        for key in ("target_modules", "vision_target_modules"):
+            names = lora.get(key)
+            _require(OmegaConf.is_list(names) and all(isinstance(n, str) and n for n in names),
+                     f"strategy.lora.{key}={names} is not a list of module names; give a list, e.g. "
+                     f"strategy.lora.{key}=[qkv_proj,o_proj] ([] for none).")
+        check_lora_init(lora.init)
+        _require(len(lora.target_modules) > 0, "strategy.lora.target_modules=[] puts no adapter on the language "
+                                               "model; name its layers, e.g. [qkv_proj,o_proj,gate_up_proj,down_proj].")
+    quant = strategy.get("quantization")
+    if quant:
+        _require(quant.quant_type in QUANT_TYPES, f"strategy.quantization.quant_type={quant.quant_type}: choose one "
+                                                  f"of {', '.join(QUANT_TYPES)}.")
+        _require(quant.compute_dtype in DTYPES,
+                 f"strategy.quantization.compute_dtype={quant.compute_dtype}: choose one of {', '.join(DTYPES)}"
+                 f"{closest(str(quant.compute_dtype), list(DTYPES))} (the hardware profiles set it through "
+                 "hardware.qlora_compute_dtype).")
+
+
+LORA_INITS = ("gaussian", "pissa", "pissa_niter_<N>", "olora", "orthogonal")
+
+
+def check_lora_init(init: Any) -> None:
+    """ConfigError unless strategy.lora.init is an initialisation peft applies from the weights alone: true (peft's
+    default), false (B and A random: an adapter that starts non-zero), or one of `LORA_INITS` (those needing data
+    or extra configs, such as eva, corda, loftq, are not wired here)."""
+    ok = isinstance(init, bool) or (isinstance(init, str) and (
+        init in LORA_INITS or re.fullmatch(r"pissa_niter_[1-9][0-9]*", init) is not None))
+    _require(ok, f"strategy.lora.init={init} is not a LoRA initialisation this recipe applies"
+                 f"{closest(str(init), list(LORA_INITS))}; choose true, false or one of {', '.join(LORA_INITS)}.")
+
+
 def uses_deepspeed(cfg: DictConfig) -> bool:
     return bool(cfg.strategy.get("deepspeed")) and bool(cfg.hardware.deepspeed)
 
@@ -191,6 +262,10 @@ def validate(cfg: DictConfig, world: int | None = None) -> None:
     _require(OmegaConf.is_list(betas) and len(betas) == 2, f"optim.betas={betas}: give two numbers, [beta1, beta2].")
     check_settings(cfg)
     check_on_error(cfg.data.on_error)
+    check_model_path(model.name_or_path)
+    check_metric(cfg.task.metric)
+    check_stop_signals(cfg.run.stop_signals)
+    check_strategy_names(strategy)
     _require(
         cfg.train.epochs > 0 or cfg.train.max_steps > 0,
         f"train.epochs={cfg.train.epochs} with train.max_steps={cfg.train.max_steps} trains nothing; set "
@@ -238,6 +313,11 @@ def check_hardware(cfg: DictConfig, training: bool = False) -> None:
     model, hardware = cfg.model, cfg.hardware
     _require(model.dtype in DTYPES, f"model.dtype={model.dtype}: choose one of {', '.join(DTYPES)}"
                                     f"{closest(model.dtype, list(DTYPES))}.")
+    _require(
+        not (hardware.name == "cpu" and hardware.precision == "fp16"),
+        "hardware.precision=fp16 has no effect on hardware=cpu (the Trainer would train in fp32 and record fp16); "
+        "use hardware.precision=fp32, or bf16 (CPU autocast).",
+    )
     if hardware.name != "cpu":
         import torch
 

@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from phi3v_recipes.cli import exit_on_user_error, one_sentence_errors, register_resolvers, tell_deepspeed_cpu
 from phi3v_recipes.config import check_output_dir
-from phi3v_recipes.errors import ConfigError
+from phi3v_recipes.errors import ConfigError, RunStopped
 from phi3v_recipes.rundir import checkpoints, run_config
 
 if TYPE_CHECKING:
@@ -102,6 +105,13 @@ def check_settings(cfg: DictConfig) -> Path:
     output = Path(cfg.output)
     if cfg.dtype not in DTYPES:
         raise ConfigError(f"dtype={cfg.dtype}: choose one of {DTYPES}.")
+    size = cfg.max_shard_size
+    if not (isinstance(size, int) and not isinstance(size, bool) and size > 0) and not (
+            isinstance(size, str) and re.fullmatch(r"\s*\d+(\.\d+)?\s*[KMGT]B\s*", size, re.IGNORECASE)):
+        raise ConfigError(f"max_shard_size={size} is not a size; give a number and a unit (KB, MB, GB, TB), e.g. "
+                          "max_shard_size=5GB, or bytes as a whole number.")
+    if cfg.check.split not in ("train", "eval"):
+        raise ConfigError(f"check.split={cfg.check.split}: choose train or eval.")
     check_output_dir(output, "output")
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise ConfigError(f"output={output} already exists and is not empty; choose a new directory (nothing is "
@@ -165,13 +175,30 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         model.config._name_or_path = json.loads(recorded.read_text()).get("_name_or_path", model.config._name_or_path)
     model = model.to(getattr(torch, cfg.dtype))
     model.config.dtype = getattr(torch, cfg.dtype)
-    model.save_pretrained(output, max_shard_size=cfg.max_shard_size)
-    processor.save_pretrained(output)
-    write_serving_metadata(output)
-    # Where the reference code comes from (remote_code=reference): the base directory, else its hub repository.
-    run_base = None if run_cfg is None else str(run_cfg.model.name_or_path)
-    repo = cfg.base_repo or hub_repo_id(base) or hub_repo_id(run_base) or hub_repo_id(source)
-    result["code"] = write_remote_code(output, cfg.remote_code, source=code_dir, repo_id=repo)
+    # Written into a staging directory beside `output`, renamed into place when complete: a failed export (disk
+    # full, a stop) leaves no half-written `output` that would block the retry.
+    staging = output.parent / f".{output.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(staging, max_shard_size=cfg.max_shard_size)
+        processor.save_pretrained(staging)
+        write_serving_metadata(staging)
+        # Where the reference code comes from (remote_code=reference): the base directory, else its hub repository.
+        run_base = None if run_cfg is None else str(run_cfg.model.name_or_path)
+        repo = cfg.base_repo or hub_repo_id(base) or hub_repo_id(run_base) or hub_repo_id(source)
+        result["code"] = write_remote_code(staging, cfg.remote_code, source=code_dir, repo_id=repo)
+        if output.is_dir():
+            output.rmdir()  # empty (checked at start-up); a file appearing there meanwhile stops the export here
+        staging.rename(output)
+    except Exception as err:  # noqa: BLE001 - disk full, quota, I/O errors raise OSError, SafetensorError, ...
+        shutil.rmtree(staging, ignore_errors=True)
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[-1]
+        raise RunStopped(f"writing the export to output={output} failed ({reason}); nothing was written there. "
+                         "Free space or fix the cause, then run the same command again.") from None
+    except BaseException:  # Ctrl-C: no half-written output either
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
     result["files"] = sorted(p.name for p in output.iterdir())
     print(summary(result, output), flush=True)

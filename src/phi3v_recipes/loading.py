@@ -43,12 +43,18 @@ def model_path(cfg: DictConfig, run_dir: Path) -> str:
 
 
 @contextmanager
-def _loading(what: str, path: str) -> Iterator[None]:
-    """Turn a failed download or an unreadable directory into one sentence naming the setting to change."""
+def _loading(what: str, path: str, adapter: str | None = None) -> Iterator[None]:
+    """Turn a failed download or an unreadable directory into one sentence naming the setting to change (for the
+    base model of the LoRA run directory `adapter`: its adapter_config.json)."""
     try:
         yield
     except OSError as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if adapter is not None:
+            raise ConfigError(
+                f"cannot load the base model {path} that {adapter}/adapter_config.json names ({reason}); point its "
+                "base_model_name_or_path at the base model's directory, or at a hub id with network access."
+            ) from None
         raise ConfigError(
             f"cannot load the {what} from model.name_or_path={path} ({reason}); give a local directory in the "
             "official layout or a run directory, a hub id with network access (or in the local hub cache), or "
@@ -94,7 +100,7 @@ def load_model(
         if dequantize:
             kwargs["dtype"] = quant.bnb_4bit_compute_dtype
     base = adapter_base(path)
-    with _loading("base model" if base else "model", base or path):
+    with _loading("model", base or path, adapter=path if base else None):
         model = AutoModelForCausalLM.from_pretrained(base or path, **kwargs)
     if quant is not None and dequantize:
         model = dequantize_4bit(model, quant.bnb_4bit_compute_dtype)
@@ -145,7 +151,15 @@ def adapter_base(path: str) -> str | None:
     adapter = Path(path) / "adapter_config.json"
     if not adapter.is_file():
         return None
-    return json.loads(adapter.read_text())["base_model_name_or_path"]
+    try:
+        base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+    except (ValueError, AttributeError) as err:
+        raise ConfigError(f"{adapter} is not a peft adapter config ({err}); restore it from the run's newest "
+                          "checkpoint-*/ or re-export the run.") from None
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{adapter} names no base model (base_model_name_or_path); set it to the base model's "
+                          "directory or hub id.")
+    return base
 
 
 def _has_processor(path: str) -> bool:

@@ -33,19 +33,41 @@ def line_of(sample: Sample) -> int:
     return int(sample.origin.rpartition(":")[2])
 
 
+ANSWER_START = b'{"id": '
+"""How every answer line of ours begins (json.dumps of {"id": ..., "line": ..., "answer": ...})."""
+
+
 def answered_lines(output: Path) -> set[int]:
-    """Input lines already answered in `output`; a torn last line (an interrupted write) is cut off."""
+    """Input lines already answered in `output`. A file that is not an answers file of ours is refused before
+    anything in it changes; a torn last line of ours (an interrupted write) is cut off."""
+    if output.is_dir():
+        raise ConfigError(f"output={output} is a directory; give a file path, e.g. output={output / 'answers.jsonl'}.")
     if not output.is_file():
         return set()
     data = output.read_bytes()
-    complete = data[: data.rfind(b"\n") + 1]
-    if len(complete) != len(data):
+    complete, torn = data[: data.rfind(b"\n") + 1], data[data.rfind(b"\n") + 1 :]
+    refuse = (f"output={output} is not an answers file of predict (line {{}}); nothing in it was changed: choose a new "
+              "output file, or move this one away to answer from the start.")
+    lines = []
+    try:
+        text = complete.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(refuse.format("not UTF-8")) from None
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get("line"), int) or "answer" not in row:
+            raise ConfigError(refuse.format(number))
+        lines.append(row["line"])
+    if torn and not ANSWER_START.startswith(torn[: len(ANSWER_START)]):
+        raise ConfigError(refuse.format(text.count("\n") + 1))
+    if torn:
         output.write_bytes(complete)
-    rows = [json.loads(line) for line in complete.decode("utf-8").splitlines() if line.strip()]
-    if any("line" not in row for row in rows):
-        raise ConfigError(f"output={output} holds answers without their input line (an older predict wrote it); "
-                          "choose a new output file.")
-    return {row["line"] for row in rows}
+    return set(lines)
 
 
 def repeated_ids(samples: list[Sample]) -> str | None:
@@ -82,6 +104,8 @@ def run(cfg: DictConfig) -> int:
     if (note := repeated_ids(samples)) is not None:
         print(note, flush=True)
     output = Path(cfg.output)
+    if output.exists() and output.resolve() == Path(cfg.input).resolve():
+        raise ConfigError(f"output={cfg.output} is the input file; give the answers a file of their own.")
     done = answered_lines(output)
     todo = [s for s in samples if line_of(s) not in done]
     if not todo:

@@ -47,18 +47,25 @@ def lora_target_modules(model: torch.nn.Module, cfg: DictConfig) -> list[str]:
     unused = {name for name, _ in _unused_modules(model)}
     lm = tuple(lora.target_modules)
     vision = () if cfg.strategy.freeze_vision else tuple(lora.vision_target_modules)
-    names = []
+    names, matched, leaves = [], set(), {False: set(), True: set()}
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear) and not _is_quantized_linear(module):
             continue
         if any(name.startswith(u + ".") or name == u for u in unused):
             continue
         in_vision = name.startswith(VISION_PREFIX)
-        targets = vision if in_vision else lm
-        if any(name == t or name.endswith("." + t) for t in targets):
+        parts = name.split(".")
+        leaves[in_vision].add(".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1])  # img_projection.0
+        hits = [t for t in (vision if in_vision else lm) if name == t or name.endswith("." + t)]
+        if hits:
             names.append(name)
-    if not names:
-        raise ConfigError(f"strategy.lora targets {list(lm) + list(vision)} match no linear layer of the model.")
+            matched.update((in_vision, t) for t in hits)
+    for key, in_vision, targets in (("target_modules", False, lm), ("vision_target_modules", True, vision)):
+        missing = [t for t in targets if (in_vision, t) not in matched]
+        if missing:
+            part = "the vision tower and projector" if in_vision else "the language model"
+            raise ConfigError(f"strategy.lora.{key}: {missing} match no linear layer of {part}; its linear "
+                              f"layers end in {', '.join(sorted(leaves[in_vision]))}.")
     return names
 
 

@@ -40,7 +40,7 @@ from phi3v_recipes.data.tasks import load_split
 from phi3v_recipes.errors import ConfigError, RunStopped, SampleError
 from phi3v_recipes.evaluation import evaluate
 from phi3v_recipes.files import atomic_write_text
-from phi3v_recipes.loading import TINY, load_model, load_processor, model_path, write_tiny_base
+from phi3v_recipes.loading import TINY, adapter_base, load_model, load_processor, model_path, write_tiny_base
 from phi3v_recipes.model.metadata import align_eos_for_training
 from phi3v_recipes.model.modeling_phi3v import set_supervised_logits
 from phi3v_recipes.preemption import StopSignals
@@ -120,6 +120,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_held_out(cfg, eval_samples)
 
     path = model_path(cfg, run_dir)
+    if adapter_base(path) is not None and not cfg.strategy.get("lora"):
+        raise ConfigError(f"model.name_or_path={path} is a LoRA adapter, and strategy={cfg.strategy.name} trains the "
+                          "model's own weights; merge it first (python -m phi3v_recipes.export model.name_or_path="
+                          f"{path} output=<dir>) and train from that, or use strategy=lora to train the adapter on.")
     if cfg.model.name_or_path == TINY:
         with args.main_process_first(desc="tiny base model"):
             if main and not (run_dir / "tiny_base" / "config.json").is_file():

@@ -19,12 +19,25 @@ from pathlib import Path
 
 from phi3v_recipes.data.sample import Sample, Turn
 
+TURN_KEYS = {"user", "assistant", "images"}
+
 
 def _parse_row(row: object, where: str, image_root: Path, require_answers: bool = True) -> Sample:
     if not isinstance(row, dict):
         raise ValueError(f"{where}: a line must hold a JSON object, got {type(row).__name__}.")
     if "id" not in row:
         raise ValueError(f"{where}: missing 'id'.")
+    if isinstance(row["id"], bool) or not isinstance(row["id"], str | int) or str(row["id"]) == "":
+        raise ValueError(f"{where}: 'id' must be a non-empty string or a whole number, got {row['id']!r}.")
+    try:
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{where} (id {row['id']}): a text holds a lone surrogate escape (e.g. \\ud800), which is "
+                         "no character; write the character itself or a valid surrogate pair.") from None
+    for key in ("image", "images"):
+        if key in row:
+            raise ValueError(f"{where} (id {row['id']}): '{key}' belongs in a turn of 'conversations' (as "
+                             "\"images\": [paths]), not at the top of the line.")
     conversations = row.get("conversations")
     if not isinstance(conversations, list) or not conversations:
         raise ValueError(f"{where} (id {row['id']}): 'conversations' must be a non-empty list of turns.")
@@ -35,10 +48,17 @@ def _parse_row(row: object, where: str, image_root: Path, require_answers: bool 
         answer = turn.get("assistant", None if needs_answer else "") if isinstance(turn, dict) else None
         if not isinstance(turn, dict) or not isinstance(turn.get("user"), str) or not isinstance(answer, str):
             raise ValueError(f"{where} (id {row['id']}): turn {k} needs string 'user' and 'assistant' fields.")
+        unknown = sorted(set(turn) - TURN_KEYS)
+        if unknown:
+            raise ValueError(f"{where} (id {row['id']}): turn {k} has unknown key(s) {unknown}; a turn holds "
+                             "'user', 'assistant' and 'images' (a list of paths).")
         images = turn.get("images", [])
         if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
             raise ValueError(f"{where} (id {row['id']}): turn {k}: 'images' must be a list of paths.")
         for p in images:
+            if "\x00" in p or not p:
+                raise ValueError(f"{where} (id {row['id']}): turn {k}: image path {p!r} is empty or holds a NUL "
+                                 "character.")
             if not Path(p).is_absolute() and not _inside(image_root / p, image_root):
                 raise ValueError(f"{where} (id {row['id']}): turn {k}: image {p} leads outside the image root "
                                  f"{image_root}; keep relative paths inside it, or give an absolute path.")
@@ -78,6 +98,9 @@ def read_jsonl(
                 problems.append(f"{where}: not UTF-8 text (byte {err.start + 1}); save the file as UTF-8.")
             except json.JSONDecodeError as err:
                 problems.append(f"{where}: not valid JSON ({err.msg} at column {err.colno}).")
-            except ValueError as err:
-                problems.append(str(err))
+            except RecursionError:
+                problems.append(f"{where}: JSON nested too deeply to read; a line holds one sample object.")
+            except ValueError as err:  # ours name the line; Python's (e.g. a number of > 4300 digits) do not
+                message = str(err)
+                problems.append(message if message.startswith(where) else f"{where}: {message}")
     return samples, problems

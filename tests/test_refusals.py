@@ -1,0 +1,96 @@
+"""Inputs that once slipped through, trained on something else than recorded, or changed a user's file: through the
+public entrypoints, each is now one `error:` sentence with exit code 2, and nothing of the user's is changed."""
+
+import json
+import shutil
+from pathlib import Path
+
+from tests.conftest import SMALL_DEMO, run_cli, run_parallel
+from tests.test_preemption import FULL_DISK
+
+
+def error_line(out) -> str:
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    (line,) = [x for x in out.stderr.splitlines() if x.startswith("error: ")]
+    return line
+
+
+def test_lora_targets_and_adapter_sources_that_would_train_something_else(tmp_path):
+    """- A LoRA target that matches no layer of the language model was dropped while the vision targets still
+      matched: the run trained CLIP's adapters only. Now every unmatched target is named, with the layer names
+      there are.
+    - A LoRA run directory as model.name_or_path under strategy=full trained the adapter only and saved an adapter
+      while config.yaml said full. Now it is refused, naming the export that merges it.
+    - A broken adapter_config.json was a JSONDecodeError traceback; now it is a sentence naming the file."""
+    fake = tmp_path / "adapter_run"
+    fake.mkdir()
+    (fake / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tmp_path / "base")}))
+    broken = tmp_path / "broken_adapter"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text("{broken")
+    (tmp_path / "ask.jsonl").write_text(json.dumps({"id": "q", "conversations": [{"user": "Hi"}]}) + "\n")
+    demo = ["hardware=cpu", *SMALL_DEMO, "report_to=none"]
+    results = run_parallel({
+        "targets": ["phi3v_recipes", *demo, "strategy=lora", "strategy.lora.target_modules=[foo,qkv_proj]",
+                    f"run.output_dir={tmp_path / 'targets'}"],
+        "adapter_full": ["phi3v_recipes", *demo, f"model.name_or_path={fake}", f"run.output_dir={tmp_path / 'full'}"],
+        "broken": ["phi3v_recipes.predict", "hardware=cpu", f"model.name_or_path={broken}",
+                   f"input={tmp_path / 'ask.jsonl'}", f"output={tmp_path / 'answers.jsonl'}"],
+    }, cwd=tmp_path)
+    line = error_line(results["targets"])
+    assert line.startswith("error: strategy.lora.target_modules: ['foo'] match no linear layer of the language "
+                           "model; its linear layers end in "), line
+    assert "qkv_proj" in line and "lm_head" in line
+    assert not list((tmp_path / "targets").glob("checkpoint-*"))
+    assert error_line(results["adapter_full"]) == (
+        f"error: model.name_or_path={fake} is a LoRA adapter, and strategy=full trains the model's own weights; "
+        f"merge it first (python -m phi3v_recipes.export model.name_or_path={fake} output=<dir>) and train from "
+        "that, or use strategy=lora to train the adapter on.")
+    assert error_line(results["broken"]).startswith(
+        f"error: {broken / 'adapter_config.json'} is not a peft adapter config (")
+
+
+def test_predict_never_changes_a_file_that_is_not_its_answers(tmp_path):
+    """predict resumes an answers file of its own, cutting a torn last line. A file that is not one (notes without
+    a final newline, the input file itself, a directory) is refused before anything in it changes: it used to cut
+    the last line of any such file, then fail with a JSONDecodeError or blame an "older predict"."""
+    conversations = "".join(json.dumps({"id": f"q{i}", "conversations": [{"user": "Hi"}]}) + "\n" for i in range(2))
+    (tmp_path / "ask.jsonl").write_text(conversations.rstrip("\n"))  # no final newline
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\nthe last line, without a newline")
+    (tmp_path / "out_dir").mkdir()
+    base = ["hardware=cpu", "model.name_or_path=unused", f"input={tmp_path / 'ask.jsonl'}"]
+    results = run_parallel({name: ["phi3v_recipes.predict", *base, f"output={tmp_path / output}"]
+                            for name, output in (("notes", "notes.txt"), ("input", "ask.jsonl"),
+                                                 ("directory", "out_dir"))}, cwd=tmp_path)
+    assert error_line(results["notes"]) == (
+        f"error: output={notes} is not an answers file of predict (line 1); nothing in it was changed: choose a new "
+        "output file, or move this one away to answer from the start.")
+    assert error_line(results["input"]) == (
+        f"error: output={tmp_path / 'ask.jsonl'} is the input file; give the answers a file of their own.")
+    assert error_line(results["directory"]).startswith(f"error: output={tmp_path / 'out_dir'} is a directory;")
+    assert notes.read_text() == "my notes\nthe last line, without a newline"
+    assert (tmp_path / "ask.jsonl").read_text() == conversations.rstrip("\n")
+
+
+def test_a_failed_export_leaves_no_output_and_the_retry_succeeds(three_steps, tmp_path):
+    """An export whose write fails (files may not grow past 256 KiB, as on a full disk) is one sentence (exit 1), and
+    `output` does not exist afterwards (it is written in a staging directory and renamed when complete), so the
+    same command then succeeds; an impossible max_shard_size is refused before anything loads. Both used to leave
+    a half-written `output` that refused the retry."""
+    output = tmp_path / "export"
+    args = [f"model.name_or_path={three_steps}", f"output={output}", "device=cpu"]
+    full = run_cli(args, cwd=tmp_path, module="phi3v_recipes.export", max_file_size=FULL_DISK)
+    assert full.returncode == 1 and "Traceback" not in full.stderr, full.stderr[-3000:]
+    (line,) = [x for x in full.stderr.splitlines() if x.startswith("error: ")]
+    assert line.startswith(f"error: writing the export to output={output} failed (") and line.endswith(
+        "nothing was written there. Free space or fix the cause, then run the same command again."), line
+    assert not output.exists() and not [p.name for p in tmp_path.iterdir() if "partial" in p.name]
+    shard = run_cli([*args, "max_shard_size=foo"], cwd=tmp_path, module="phi3v_recipes.export")
+    assert error_line(shard).startswith("error: max_shard_size=foo is not a size;")
+    assert not output.exists()
+    done = run_cli(args, cwd=tmp_path, module="phi3v_recipes.export")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (output / "model.safetensors").is_file() and (output / "config.json").is_file()
+    shutil.rmtree(output)
+    assert Path(three_steps / "model.safetensors").is_file()  # the run is untouched

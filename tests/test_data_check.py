@@ -2,6 +2,7 @@
 `data.on_error=raise` stops before any checkpoint while `data.on_error=skip` drops and reports them."""
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -38,6 +39,7 @@ BAD_CASES = [
     (18, "singular-image", "turn 1 has unknown key(s) ['image']"),
     (19, "image-at-top", "'image' belongs in a turn of 'conversations'"),
     (20, None, "'id' must be a non-empty string or a whole number, got None"),
+    (21, "pipe-as-image", "image {root}/pipe.png is not a regular file (a pipe, socket or device)"),  # no hang
 ]
 
 
@@ -67,6 +69,7 @@ def tree(tmp_path_factory) -> Path:
     write_huge_png(images / "huge.png", 20000)  # over the default data.max_image_pixels and PIL's own limit
     draw("red", (32, 32)).save(root / "outside.png")  # a good image, but outside the image root
     (images / "link.png").symlink_to(root / "outside.png")
+    os.mkfifo(images / "pipe.png")  # opening it would wait for a writer forever
     turn = {"images": ["red.png"], "user": "What color?", "assistant": "red"}
     bad = [
         good(1),
@@ -90,6 +93,7 @@ def tree(tmp_path_factory) -> Path:
         {"id": "singular-image", "conversations": [{"image": "red.png", "user": "What color?", "assistant": "red"}]},
         {"id": "image-at-top", "image": "red.png", "conversations": [{**turn, "images": []}]},
         {"id": None, "conversations": [turn]},
+        {"id": "pipe-as-image", "conversations": [{**turn, "images": ["pipe.png"]}]},
         *[good(i, color) for i, color in zip(range(2, 9), ["blue", "red"] * 4, strict=False)],
         {"id": "absolute-path", "conversations": [{**turn, "images": [str(root / "outside.png")]}]},  # allowed
     ]

@@ -94,3 +94,25 @@ def test_a_failed_export_leaves_no_output_and_the_retry_succeeds(three_steps, tm
     assert (output / "model.safetensors").is_file() and (output / "config.json").is_file()
     shutil.rmtree(output)
     assert Path(three_steps / "model.safetensors").is_file()  # the run is untouched
+
+
+def test_a_torn_run_record_an_empty_run_directory_and_a_directory_as_data_file(three_steps, tmp_path):
+    """A run whose config.yaml no longer parses (edited by hand, torn) was a yaml traceback at the relaunch; an
+    empty run.output_dir trained into the current directory; a directory as task.train_file was reported as not
+    existing. Each is now one sentence naming the file or setting."""
+    run_dir = tmp_path / "torn"
+    shutil.copytree(three_steps, run_dir)
+    (run_dir / "config.yaml").write_text("model: [unclosed\n")
+    (tmp_path / "data").mkdir()
+    demo = ["hardware=cpu", *SMALL_DEMO, "report_to=none"]
+    results = run_parallel({
+        "torn": ["phi3v_recipes", "hardware=cpu", "train.max_steps=4", f"run.output_dir={run_dir}"],
+        "empty": ["phi3v_recipes", *demo, "run.output_dir="],
+        "data_dir": ["phi3v_recipes", "hardware=cpu", "task=jsonl", f"task.train_file={tmp_path / 'data'}",
+                     f"run.output_dir={tmp_path / 'jsonl_run'}"],
+    }, cwd=tmp_path)
+    assert error_line(results["torn"]).startswith(f"error: {run_dir / 'config.yaml'} is not a readable run record (")
+    assert error_line(results["empty"]) == ("error: run.output_dir is empty; give a directory (a run directory is "
+                                            "never the current directory by accident).")
+    assert not (tmp_path / "config.yaml").exists() and not list(tmp_path.glob("checkpoint-*"))
+    assert error_line(results["data_dir"]).startswith(f"error: {tmp_path / 'data'} is a directory; give the path of")

@@ -78,14 +78,44 @@ BAD_SETTINGS = [
     ("run.stop_signals=[SIGFOO]", "run.stop_signals: SIGFOO is not a signal this process can catch"),
     ("run.stop_signals=[SIGKILL]", "run.stop_signals: SIGKILL is not a signal this process can catch"),
     ("run.stop_signals=SIGTERM", "run.stop_signals=SIGTERM is not a list"),
+    ("hardware.memory_gib=-5", "hardware.memory_gib=-5 is out of range; give a number > 0 (or null)"),
+    ("data.packing=true data.group_by_length=true", "data.group_by_length=true has no effect with data.packing=true"),
     ("train.epochs=0", "train.epochs=0 with train.max_steps=-1 trains nothing"),
     ("train.max_steps=0 train.epochs=0", "train.epochs=0 with train.max_steps=0 trains nothing"),
 ]
 
 
+# (override, words) for the keys only the plan's config has (conf/plan.yaml)
+BAD_PLAN_SETTINGS = [
+    ("plan.workload_samples=0", "plan.workload_samples=0 is out of range; give a whole number >= 1"),
+    ("plan.workload_seed=-1", "plan.workload_seed=-1 is out of range"),
+    ("plan.allocator_reserve=-1", "plan.allocator_reserve=-1 is out of range; give a number >= 1"),
+    ("plan.cuda_context_gib=-0.5", "plan.cuda_context_gib=-0.5 is out of range"),
+    ("plan.overlap_comm_buffers=x", "plan.overlap_comm_buffers='x' is not a number"),
+    ("plan.adam_temporaries=-1", "plan.adam_temporaries=-1 is out of range"),
+    ("plan.logits_fp32_copies=-3", "plan.logits_fp32_copies=-3 is out of range"),
+    ("plan.max_search=0", "plan.max_search=0 is out of range"),
+]
+
+
+@pytest.mark.parametrize("override,words", BAD_PLAN_SETTINGS, ids=[o for o, _ in BAD_PLAN_SETTINGS])
+def test_bad_plan_settings_are_one_sentence(override, words):
+    """The plan's memory-model constants are physical quantities: a negative reserve or a zero search bound used to
+    print a plan (`-25.94 GiB ... fits`); now it is the sentence of any bad setting."""
+    from hydra import compose, initialize_config_module
+
+    from phi3v_recipes.config import check_settings
+
+    with initialize_config_module(config_module="phi3v_recipes.conf", version_base="1.3"):
+        cfg = compose(config_name="plan", overrides=["hardware=a100", override])
+    with pytest.raises(ConfigError) as err:
+        check_settings(cfg)
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
 def test_every_numeric_setting_is_checked():
     """The table of bad values covers every checked setting, so a new knob gets a test when it gets a row."""
-    named = {words.split(" ")[0].split("=")[0] for _, words in BAD_SETTINGS}
+    named = {words.split(" ")[0].split("=")[0] for _, words in BAD_SETTINGS + BAD_PLAN_SETTINGS}
     assert {setting.key for setting in SETTINGS} <= named
 
 

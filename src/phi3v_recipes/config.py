@@ -122,6 +122,16 @@ SETTINGS = (
     Setting("strategy.lora.rank", int, 1),
     Setting("strategy.lora.alpha", float, 0, low_open=True),
     Setting("strategy.lora.dropout", float, 0, 1, high_open=True),
+    # plan (conf/plan.yaml): the memory model's constants are physical quantities
+    Setting("hardware.memory_gib", float, 0, low_open=True, nullable=True),
+    Setting("plan.workload_samples", int, 1),
+    Setting("plan.workload_seed", int, 0),
+    Setting("plan.allocator_reserve", float, 1),
+    Setting("plan.cuda_context_gib", float, 0),
+    Setting("plan.overlap_comm_buffers", float, 0),
+    Setting("plan.adam_temporaries", float, 0),
+    Setting("plan.logits_fp32_copies", float, 0),
+    Setting("plan.max_search", int, 1),
 )
 _ABSENT = object()
 
@@ -142,6 +152,8 @@ def check_output_dir(path: str | Path, setting: str = "run.output_dir", file: bo
     """ConfigError when the directory `path` (with `file`: the directory of the file `path`) cannot be created or
     written: it, or a folder above it, exists as something other than a directory, or the nearest existing one is
     not writable (a read-only file system, no permission)."""
+    _require(str(path).strip() != "", f"{setting} is empty; give a directory (a run directory is never the "
+                                      "current directory by accident).")
     start = Path(path).parent if file else Path(path)
     for place in (start, *start.parents):
         if place.exists() or place.is_symlink():
@@ -275,6 +287,11 @@ def validate(cfg: DictConfig, world: int | None = None) -> None:
         cfg.eval.get("patience") is None or cfg.eval.get("every_steps") is not None,
         f"eval.patience={cfg.eval.get('patience')} counts evaluations during training, but eval.every_steps is "
         "null; set eval.every_steps=N as well, or eval.patience=null.",
+    )
+    _require(
+        not (cfg.data.packing and cfg.data.group_by_length),
+        "data.group_by_length=true has no effect with data.packing=true (packed rows are filled from samples in "
+        "random order); set one of them to false.",
     )
     check_output_dir(output_dir(cfg))
     gradient_accumulation(cfg, world)

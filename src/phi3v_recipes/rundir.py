@@ -250,9 +250,23 @@ def record(cfg: DictConfig, run_dir: Path) -> None:
     atomic_write_text(run_dir / RECORD, OmegaConf.to_yaml(cfg, resolve=True))
 
 
+def load_record(path: Path) -> DictConfig:
+    """The recorded configuration at `path`; ConfigError naming the file when it is not one (edited by hand, torn)."""
+    try:
+        record = OmegaConf.load(path)
+    except Exception as err:  # noqa: BLE001 - yaml's parser and OmegaConf raise many kinds
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"{path} is not a readable run record ({reason}); restore it (the run's .hydra/config.yaml "
+                          "holds the composed settings of its first launch) or start a new run.output_dir.") from None
+    if not isinstance(record, DictConfig):
+        raise ConfigError(f"{path} is not a run record (no settings in it); restore it (the run's .hydra/config.yaml "
+                          "holds the composed settings of its first launch) or start a new run.output_dir.")
+    return record
+
+
 def saved_record(run_dir: Path) -> DictConfig | None:
     path = run_dir / RECORD
-    return OmegaConf.load(path) if path.is_file() else None
+    return load_record(path) if path.is_file() else None
 
 
 def run_config(path: str | Path) -> DictConfig | None:
@@ -263,7 +277,7 @@ def run_config(path: str | Path) -> DictConfig | None:
         return None
     for candidate in (directory / RECORD, directory.parent / RECORD):
         if candidate.is_file():
-            return OmegaConf.load(candidate)
+            return load_record(candidate)
     return None
 
 

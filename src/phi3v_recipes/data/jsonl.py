@@ -82,6 +82,9 @@ def read_jsonl(
     `image_root` defaults to the directory of the file. `require_answers=False` lets the last turn of each
     conversation leave out "assistant" (inputs to prediction).
     """
+    if not str(path).strip() or Path(path).is_dir():
+        what = f"{path} is a directory" if str(path).strip() else "the data file path is empty"
+        raise FileNotFoundError(f"{what}; give the path of a jsonl file (the task's train_file / eval_file setting).")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: check the task's data file setting.")

@@ -6,6 +6,7 @@ clipped) to 8 bits, transparency composited onto white, the first frame of an an
 than `data.max_image_pixels` (checked from the file header, before anything is decoded).
 """
 
+import os
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -92,6 +93,9 @@ def to_rgb8(image: Image.Image) -> Image.Image:
 def open_image(ref: Callable[[], Image.Image] | str | Path, sample: Sample) -> Iterator[Image.Image]:
     """`ref` opened (header read, pixels not decoded until `load()`), with PIL's own pixel limit off; a missing or
     unreadable image, found while opening or while using it in the block, raises SampleError naming the sample."""
+    if not callable(ref) and os.path.exists(ref) and not os.path.isdir(ref) and not os.path.isfile(ref):
+        raise SampleError(f"{sample.where}: image {ref} is not a regular file (a pipe, socket or device); point the "
+                          "path at an image file.")  # opening a pipe would wait for a writer forever
     try:
         with _own_pixel_limit(), (ref() if callable(ref) else Image.open(ref)) as image:
             yield image

@@ -11,6 +11,11 @@ Image paths are relative to an image root and must stay inside it (a `..` or a s
 a bad sample); absolute paths are taken as they are. Any number of images and turns; later turns may carry no
 images.
 An optional "references" list gives every answer accepted for the first turn at evaluation.
+
+A line is a bad sample (reported with its file:line and id) when its "id" is not a non-empty string or whole number,
+a turn holds a key other than "user", "assistant" and "images" (a misspelt "image" would otherwise train text
+only), "image" or "images" stands at the top of the line, or a text holds a lone surrogate escape such as "\\ud800". Other
+top-level keys ("source", your own metadata) are kept out of training and allowed.
 """
 
 import json

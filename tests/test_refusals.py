@@ -20,7 +20,8 @@ def test_lora_targets_and_adapter_sources_that_would_train_something_else(tmp_pa
       matched: the run trained CLIP's adapters only. Now every unmatched target is named, with the layer names
       there are.
     - A LoRA run directory as model.name_or_path under strategy=full trained the adapter only and saved an adapter
-      while config.yaml said full. Now it is refused, naming the export that merges it.
+      while config.yaml said full (under strategy=lora it would train the adapter's rank and targets, not the
+      strategy's). Now it is refused, naming the export that merges it.
     - A broken adapter_config.json was a JSONDecodeError traceback; now it is a sentence naming the file."""
     fake = tmp_path / "adapter_run"
     fake.mkdir()
@@ -43,9 +44,9 @@ def test_lora_targets_and_adapter_sources_that_would_train_something_else(tmp_pa
     assert "qkv_proj" in line and "lm_head" in line
     assert not list((tmp_path / "targets").glob("checkpoint-*"))
     assert error_line(results["adapter_full"]) == (
-        f"error: model.name_or_path={fake} is a LoRA adapter, and strategy=full trains the model's own weights; "
-        f"merge it first (python -m phi3v_recipes.export model.name_or_path={fake} output=<dir>) and train from "
-        "that, or use strategy=lora to train the adapter on.")
+        f"error: model.name_or_path={fake} is a LoRA adapter; train from a merged model instead (python -m "
+        f"phi3v_recipes.export model.name_or_path={fake} output=<dir>, then model.name_or_path=<dir> with any "
+        "strategy), or continue its own run with train.resume.")
     assert error_line(results["broken"]).startswith(
         f"error: {broken / 'adapter_config.json'} is not a peft adapter config (")
 

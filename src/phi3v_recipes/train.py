@@ -120,10 +120,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_held_out(cfg, eval_samples)
 
     path = model_path(cfg, run_dir)
-    if adapter_base(path) is not None and not cfg.strategy.get("lora"):
-        raise ConfigError(f"model.name_or_path={path} is a LoRA adapter, and strategy={cfg.strategy.name} trains the "
-                          "model's own weights; merge it first (python -m phi3v_recipes.export model.name_or_path="
-                          f"{path} output=<dir>) and train from that, or use strategy=lora to train the adapter on.")
+    if adapter_base(path) is not None:  # its rank and targets are the adapter's, not strategy.lora's
+        raise ConfigError(f"model.name_or_path={path} is a LoRA adapter; train from a merged model instead (python -m "
+                          f"phi3v_recipes.export model.name_or_path={path} output=<dir>, then model.name_or_path=<dir> "
+                          f"with any strategy), or continue its own run with train.resume.")
     if cfg.model.name_or_path == TINY:
         with args.main_process_first(desc="tiny base model"):
             if main and not (run_dir / "tiny_base" / "config.json").is_file():

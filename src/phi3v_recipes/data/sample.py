@@ -89,15 +89,27 @@ def to_rgb8(image: Image.Image) -> Image.Image:
     return convert_image_to_rgb(image)
 
 
+def _open_path(path: str | Path) -> Image.Image:
+    """`Image.open(path)`; a path that is no regular file (a named pipe, a device) is opened without waiting for a
+    writer, so that a pipe nobody writes to is an unreadable image instead of a screen that waits forever."""
+    if os.path.isfile(path) or not os.path.exists(path) or os.path.isdir(path):
+        return Image.open(path)
+    stream = os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb")
+    try:
+        image = Image.open(stream)
+    except BaseException:
+        stream.close()
+        raise
+    image._exclusive_fp = True  # PIL closes the stream with the image, as for a path it opened itself
+    return image
+
+
 @contextmanager
 def open_image(ref: Callable[[], Image.Image] | str | Path, sample: Sample) -> Iterator[Image.Image]:
     """`ref` opened (header read, pixels not decoded until `load()`), with PIL's own pixel limit off; a missing or
     unreadable image, found while opening or while using it in the block, raises SampleError naming the sample."""
-    if not callable(ref) and os.path.exists(ref) and not os.path.isdir(ref) and not os.path.isfile(ref):
-        raise SampleError(f"{sample.where}: image {ref} is not a regular file (a pipe, socket or device); point the "
-                          "path at an image file.")  # opening a pipe would wait for a writer forever
     try:
-        with _own_pixel_limit(), (ref() if callable(ref) else Image.open(ref)) as image:
+        with _own_pixel_limit(), (ref() if callable(ref) else _open_path(ref)) as image:
             yield image
     except FileNotFoundError:
         raise SampleError(f"{sample.where}: image {ref} does not exist; fix the path or the image root.") from None

@@ -99,7 +99,7 @@ def test_a_failed_export_leaves_no_output_and_the_retry_succeeds(three_steps, tm
 
 def test_a_torn_run_record_an_empty_run_directory_and_a_directory_as_data_file(three_steps, tmp_path):
     """A run whose config.yaml no longer parses (edited by hand, torn) was a yaml traceback at the relaunch; an
-    empty run.output_dir trained into the current directory; a directory as task.train_file was reported as not
+    empty run.output_dir trained into the current directory (a null one printed Hydra's warnings); a directory as task.train_file was reported as not
     existing. Each is now one sentence naming the file or setting."""
     run_dir = tmp_path / "torn"
     shutil.copytree(three_steps, run_dir)
@@ -109,6 +109,7 @@ def test_a_torn_run_record_an_empty_run_directory_and_a_directory_as_data_file(t
     results = run_parallel({
         "torn": ["phi3v_recipes", "hardware=cpu", "train.max_steps=4", f"run.output_dir={run_dir}"],
         "empty": ["phi3v_recipes", *demo, "run.output_dir="],
+        "null": ["phi3v_recipes", *demo, "run.output_dir=null"],
         "data_dir": ["phi3v_recipes", "hardware=cpu", "task=jsonl", f"task.train_file={tmp_path / 'data'}",
                      f"run.output_dir={tmp_path / 'jsonl_run'}"],
     }, cwd=tmp_path)
@@ -116,4 +117,6 @@ def test_a_torn_run_record_an_empty_run_directory_and_a_directory_as_data_file(t
     assert error_line(results["empty"]) == ("error: run.output_dir is empty; give a directory (a run directory is "
                                             "never the current directory by accident).")
     assert not (tmp_path / "config.yaml").exists() and not list(tmp_path.glob("checkpoint-*"))
+    null = results["null"]  # Hydra's own report was a six-line warning block before the sentence
+    assert error_line(null) == "error: run.output_dir is null; give a directory." and "Warning" not in null.stderr
     assert error_line(results["data_dir"]).startswith(f"error: {tmp_path / 'data'} is a directory; give the path of")

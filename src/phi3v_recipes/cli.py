@@ -121,14 +121,18 @@ class RunDirCheck(Callback):
     with one sentence (exit 2) before Hydra tries to create it (its own error is a traceback)."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._check(config.hydra.run.dir, "run.output_dir")
+        self._check(config, "run", "run.output_dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._check(config.hydra.sweep.dir, "hydra.sweep.dir")
+        self._check(config, "sweep", "hydra.sweep.dir")
 
     @staticmethod
-    def _check(path: str, setting: str) -> None:
+    def _check(config: DictConfig, mode: str, setting: str) -> None:
         try:
+            try:
+                path = config.hydra[mode].dir
+            except OmegaConfBaseException:  # null where Hydra needs a string: its own report is a warning block
+                raise ConfigError(f"{setting} is null; give a directory.") from None
             check_output_dir(path, setting)
         except ConfigError as err:
             print(f"error: {err}", file=sys.stderr, flush=True)

@@ -5,7 +5,7 @@ import json
 import shutil
 from pathlib import Path
 
-from tests.conftest import SMALL_DEMO, run_cli, run_parallel
+from tests.conftest import NINE_STEPS, SMALL_DEMO, run_cli, run_parallel
 from tests.test_preemption import FULL_DISK
 
 
@@ -98,22 +98,33 @@ def test_a_failed_export_leaves_no_output_and_the_retry_succeeds(three_steps, tm
 
 
 def test_a_torn_run_record_an_empty_run_directory_and_a_directory_as_data_file(three_steps, tmp_path):
-    """A run whose config.yaml no longer parses (edited by hand, torn) was a yaml traceback at the relaunch; an
+    """A run whose config.yaml no longer parses (edited by hand, torn) was a yaml traceback at the relaunch; one
+    edited to agree with a changed setting resumed on it (exit 0, the record claiming the new value for all steps);
+    an
     empty run.output_dir trained into the current directory (a null one printed Hydra's warnings); a directory as task.train_file was reported as not
     existing. Each is now one sentence naming the file or setting."""
     run_dir = tmp_path / "torn"
     shutil.copytree(three_steps, run_dir)
     (run_dir / "config.yaml").write_text("model: [unclosed\n")
+    edited = tmp_path / "edited"  # its config.yaml changed by hand to agree with a new optim.lr
+    shutil.copytree(three_steps, edited)
+    record = edited / "config.yaml"
+    record.write_text(record.read_text().replace("lr: 0.003\n", "lr: 0.1\n", 1))
     (tmp_path / "data").mkdir()
     demo = ["hardware=cpu", *SMALL_DEMO, "report_to=none"]
     results = run_parallel({
         "torn": ["phi3v_recipes", "hardware=cpu", "train.max_steps=4", f"run.output_dir={run_dir}"],
+        "edited": ["phi3v_recipes", *NINE_STEPS, "hardware=cpu", "train.max_steps=4", "optim.lr=0.1",
+                   f"run.output_dir={edited}"],
         "empty": ["phi3v_recipes", *demo, "run.output_dir="],
         "null": ["phi3v_recipes", *demo, "run.output_dir=null"],
         "data_dir": ["phi3v_recipes", "hardware=cpu", "task=jsonl", f"task.train_file={tmp_path / 'data'}",
                      f"run.output_dir={tmp_path / 'jsonl_run'}"],
     }, cwd=tmp_path)
     assert error_line(results["torn"]).startswith(f"error: {run_dir / 'config.yaml'} is not a readable run record (")
+    assert error_line(results["edited"]).startswith(  # each checkpoint holds the record of what trained it
+        "error: checkpoint-3 (its config.yaml) was trained with other settings; resuming would mix two runs "
+        "(optim.lr: 0.003 -> 0.1)")
     assert error_line(results["empty"]) == ("error: run.output_dir is empty; give a directory (a run directory is "
                                             "never the current directory by accident).")
     assert not (tmp_path / "config.yaml").exists() and not list(tmp_path.glob("checkpoint-*"))

@@ -8,8 +8,9 @@
   state (written by an older version, or by hand), is incomplete: reported in one line and removed at start-up.
 - **Resume point.** `train.resume`: `auto` (continue from the newest complete checkpoint, or start fresh when there
   is none), `true` (a checkpoint must exist), `false` (the directory must hold no run), or a checkpoint path.
-- **What trained the weights.** `config.yaml` is written when a run starts fresh. A resumed run must train the
-  same thing: the keys of `SAME_RUN` must be unchanged (`check_same_run`), except those of `MAY_CHANGE`.
+- **What trained the weights.** `config.yaml` is written when a run starts fresh, and into every checkpoint as it
+  stood for the launch that wrote it. A resumed run must train the same thing: the keys of `SAME_RUN` must be
+  unchanged (`check_same_run`), except those of `MAY_CHANGE`, against both records.
 - **Its files.** The names of what a run directory holds (`METRICS`, `SKIPPED`, `RECORD`, ...) live here, with the
   functions that read and write them; `open_run_dir` is the whole opening of a run (lock, clean-up, resume point,
   record) that the recipe calls first.
@@ -363,6 +364,9 @@ def _open_run_dir(cfg: DictConfig, run_dir: Path) -> tuple[RunLock, str | None]:
     resume = resume_point(cfg.train.resume, run_dir, extends(saved, cfg))
     if resume is not None and Path(resume).resolve().parent != run_dir.resolve():
         changes = check_foreign_checkpoint(Path(resume), cfg)
+    elif resume is not None and (Path(resume) / RECORD).is_file():  # the checkpoint's own record: a config.yaml
+        changes = check_same_run(load_record(Path(resume) / RECORD), cfg,  # edited by hand cannot hide a change
+                                 trained_by=f"{Path(resume).name} (its {RECORD})")
     if resume is not None and changes:
         log.info("resuming with changed settings: %s", "; ".join(changes))
     if resume is None or saved is None:

@@ -355,6 +355,7 @@ class RecipeTrainer(Trainer):
                          "grad_norms": self.grad_norms, "evals": self.evaluations.evals, "launches": self.launches,
                          "world_size": self.args.world_size}
                 (staged / RECIPE_STATE).write_text(json.dumps(state) + "\n")
+                record(self.recipe, staged)  # what trained these weights, beside them (checked at a resume)
                 _fsync_tree(staged)
                 if final.exists():  # the same step saved twice (e.g. a resume at the final step): replace it
                     shutil.rmtree(final)

@@ -32,6 +32,12 @@ class RunStopped(Exception):
         return (type(self), (str(self), self.exit_code))
 
 
+def reason(err: BaseException, line: int = 0) -> str:
+    """One line of `err`'s message for a sentence (`line`: which; -1 for the last, where a library puts the cause),
+    or its type's name when the message is empty."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[line]
+
+
 def check_on_error(on_error: Any) -> None:
     """ConfigError unless `on_error` is one of ON_ERROR (data.on_error: what a bad sample does)."""
     if on_error not in ON_ERROR:

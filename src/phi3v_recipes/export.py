@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from phi3v_recipes.cli import exit_on_user_error, one_sentence_errors, register_resolvers, tell_deepspeed_cpu
 from phi3v_recipes.config import check_output_dir
-from phi3v_recipes.errors import ConfigError, RunStopped
+from phi3v_recipes.errors import ConfigError, RunStopped, reason
 from phi3v_recipes.rundir import checkpoints, run_config
 
 if TYPE_CHECKING:
@@ -193,8 +193,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         staging.rename(output)
     except Exception as err:  # noqa: BLE001 - disk full, quota, I/O errors raise OSError, SafetensorError, ...
         shutil.rmtree(staging, ignore_errors=True)
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[-1]
-        raise RunStopped(f"writing the export to output={output} failed ({reason}); nothing was written there. "
+        raise RunStopped(f"writing the export to output={output} failed ({reason(err, -1)}); nothing was written there. "
                          "Free space or fix the cause, then run the same command again.") from None
     except BaseException:  # Ctrl-C: no half-written output either
         shutil.rmtree(staging, ignore_errors=True)

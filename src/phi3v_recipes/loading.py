@@ -19,7 +19,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from transformers import AutoModelForCausalLM
 
-from phi3v_recipes.errors import ConfigError
+from phi3v_recipes.errors import ConfigError, reason
 from phi3v_recipes.model import Phi3VForCausalLM, Phi3VProcessor
 from phi3v_recipes.model.tiny import TINY_NUM_IMG_TOKENS, build_tiny_processor, tiny_model_config
 from phi3v_recipes.strategy import quantization_config
@@ -49,14 +49,14 @@ def _loading(what: str, path: str, adapter: str | None = None) -> Iterator[None]
     try:
         yield
     except OSError as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        why = reason(err)
         if adapter is not None:
             raise ConfigError(
-                f"cannot load the base model {path} that {adapter}/adapter_config.json names ({reason}); point its "
+                f"cannot load the base model {path} that {adapter}/adapter_config.json names ({why}); point its "
                 "base_model_name_or_path at the base model's directory, or at a hub id with network access."
             ) from None
         raise ConfigError(
-            f"cannot load the {what} from model.name_or_path={path} ({reason}); give a local directory in the "
+            f"cannot load the {what} from model.name_or_path={path} ({why}); give a local directory in the "
             "official layout or a run directory, a hub id with network access (or in the local hub cache), or "
             "model=tiny for the offline demo model."
         ) from None

@@ -45,7 +45,8 @@ def answered_lines(output: Path) -> set[int]:
     if not output.is_file():
         return set()
     data = output.read_bytes()
-    complete, torn = data[: data.rfind(b"\n") + 1], data[data.rfind(b"\n") + 1 :]
+    cut = data.rfind(b"\n") + 1
+    complete, torn = data[:cut], data[cut:]
     refuse = (f"output={output} is not an answers file of predict (line {{}}); nothing in it was changed: choose a new "
               "output file, or move this one away to answer from the start.")
     lines = []

@@ -31,7 +31,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from phi3v_recipes.cluster import resume_command
-from phi3v_recipes.errors import ConfigError, RunStopped
+from phi3v_recipes.errors import ConfigError, RunStopped, reason
 from phi3v_recipes.files import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -256,8 +256,7 @@ def load_record(path: Path) -> DictConfig:
     try:
         record = OmegaConf.load(path)
     except Exception as err:  # noqa: BLE001 - yaml's parser and OmegaConf raise many kinds
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ConfigError(f"{path} is not a readable run record ({reason}); restore it (the run's .hydra/config.yaml "
+        raise ConfigError(f"{path} is not a readable run record ({reason(err)}); restore it (the run's .hydra/config.yaml "
                           "holds the composed settings of its first launch) or start a new run.output_dir.") from None
     if not isinstance(record, DictConfig):
         raise ConfigError(f"{path} is not a run record (no settings in it); restore it (the run's .hydra/config.yaml "

@@ -39,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import TrainerCallback
 from transformers.integrations import TensorBoardCallback
 
-from phi3v_recipes.errors import ConfigError
+from phi3v_recipes.errors import ConfigError, reason
 from phi3v_recipes.files import atomic_write_text
 from phi3v_recipes.rundir import flat_config
 
@@ -301,10 +301,10 @@ class Trackers:
             except ConfigError:
                 raise
             except Exception as err:  # noqa: BLE001 - an unreachable server, a locked store, bad credentials ...
-                reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+                why = reason(err)[:300]
                 where = f" ({mlflow_uri(cfg) or os.environ.get('MLFLOW_TRACKING_URI', 'the default store')})" \
                     if name == "mlflow" else ""
-                raise ConfigError(f"report_to={name}: could not open the tracker run{where}: {reason}; check the "
+                raise ConfigError(f"report_to={name}: could not open the tracker run{where}: {why}; check the "
                                   f"tracker.{name} settings in conf/train.yaml, or drop {name} from "
                                   "report_to.") from None
             verb = "continuing" if held.get("run_id") else "logging to"

@@ -44,7 +44,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints, seed_worker
 
 from phi3v_recipes.cluster import resume_command
-from phi3v_recipes.errors import ConfigError, RunStopped, SampleError
+from phi3v_recipes.errors import ConfigError, RunStopped, SampleError, reason
 from phi3v_recipes.model.metadata import finish_saved_model
 from phi3v_recipes.preemption import StopSignals
 from phi3v_recipes.rundir import CHECKPOINT_PREFIX, STAGING, append_skipped, checkpoints, record
@@ -412,9 +412,8 @@ class RecipeTrainer(Trainer):
     def _write_failed(self, err: Exception, what: str) -> RunStopped:
         """The one sentence for a write that failed (disk full, quota, I/O error), naming the last good checkpoint."""
         kept = checkpoints(self.run_dir)
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[-1]
         return RunStopped(
-            f"writing {what} failed ({reason}); it was removed and "
+            f"writing {what} failed ({reason(err, -1)}); it was removed and "
             f"{kept[-1].name + ' is kept' if kept else 'no earlier checkpoint exists'}. Free space in "
             f"{self.run_dir}, then {resume_command(self.run_dir)} to resume.")
 

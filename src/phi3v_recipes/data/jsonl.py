@@ -27,7 +27,9 @@ from phi3v_recipes.data.sample import Sample, Turn
 TURN_KEYS = {"user", "assistant", "images"}
 
 
-def _parse_row(row: object, where: str, image_root: Path, require_answers: bool = True) -> Sample:
+def _parse_row(row: object, where: str, image_root: Path, require_answers: bool = True,
+               escaped: bool = True) -> Sample:
+    """The sample of one parsed line (`escaped`: the line holds a `\\u` escape, the only way to a lone surrogate)."""
     if not isinstance(row, dict):
         raise ValueError(f"{where}: a line must hold a JSON object, got {type(row).__name__}.")
     if "id" not in row:
@@ -35,7 +37,8 @@ def _parse_row(row: object, where: str, image_root: Path, require_answers: bool 
     if isinstance(row["id"], bool) or not isinstance(row["id"], str | int) or str(row["id"]) == "":
         raise ValueError(f"{where}: 'id' must be a non-empty string or a whole number, got {row['id']!r}.")
     try:
-        json.dumps(row, ensure_ascii=False).encode("utf-8")
+        if escaped:
+            json.dumps(row, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
         raise ValueError(f"{where} (id {row['id']}): a text holds a lone surrogate escape (e.g. \\ud800), which is "
                          "no character; write the character itself or a valid surrogate pair.") from None
@@ -101,7 +104,7 @@ def read_jsonl(
             try:
                 line = raw.decode("utf-8").rstrip("\r\n")
                 if line.strip():
-                    samples.append(_parse_row(json.loads(line), where, root, require_answers))
+                    samples.append(_parse_row(json.loads(line), where, root, require_answers, "\\u" in line))
             except UnicodeDecodeError as err:
                 problems.append(f"{where}: not UTF-8 text (byte {err.start + 1}); save the file as UTF-8.")
             except json.JSONDecodeError as err:

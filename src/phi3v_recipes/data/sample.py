@@ -89,19 +89,16 @@ def to_rgb8(image: Image.Image) -> Image.Image:
     return convert_image_to_rgb(image)
 
 
-def _open_path(path: str | Path) -> Image.Image:
+@contextmanager
+def _open_path(path: str | Path) -> Iterator[Image.Image]:
     """`Image.open(path)`; a path that is no regular file (a named pipe, a device) is opened without waiting for a
     writer, so that a pipe nobody writes to is an unreadable image instead of a screen that waits forever."""
     if os.path.isfile(path) or not os.path.exists(path) or os.path.isdir(path):
-        return Image.open(path)
-    stream = os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb")
-    try:
-        image = Image.open(stream)
-    except BaseException:
-        stream.close()
-        raise
-    image._exclusive_fp = True  # PIL closes the stream with the image, as for a path it opened itself
-    return image
+        with Image.open(path) as image:
+            yield image
+        return
+    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as stream, Image.open(stream) as image:
+        yield image
 
 
 @contextmanager

@@ -131,3 +131,30 @@ def test_a_torn_run_record_an_empty_run_directory_and_a_directory_as_data_file(t
     null = results["null"]  # Hydra's own report was a six-line warning block before the sentence
     assert error_line(null) == "error: run.output_dir is null; give a directory." and "Warning" not in null.stderr
     assert error_line(results["data_dir"]).startswith(f"error: {tmp_path / 'data'} is a directory; give the path of")
+
+
+def test_a_model_path_that_does_not_exist_is_one_sentence_in_every_entrypoint(tmp_path):
+    """An absolute (or ./) model.name_or_path that does not exist is no hub id either: train, evaluate and predict
+    used to end in a huggingface_hub HFValidationError traceback ("Repo id must be in the form ..."). Each now
+    stops with one sentence naming the path and what to give instead (exit 2); only training offers the demo's
+    model=tiny (evaluate and predict refuse an untrained model)."""
+    missing = tmp_path / "nonexistent" / "model"
+    (tmp_path / "ask.jsonl").write_text(json.dumps({"id": "q", "conversations": [{"user": "Hi"}]}) + "\n")
+    ask = [f"input={tmp_path / 'ask.jsonl'}", f"output={tmp_path / 'answers.jsonl'}"]
+    results = run_parallel({
+        "train": ["phi3v_recipes", "hardware=cpu", "task.train_size=16", "task.eval_size=4",
+                  f"model.name_or_path={missing}", f"run.output_dir={tmp_path / 'run'}"],
+        "evaluate": ["phi3v_recipes.evaluate", "hardware=cpu", f"model.name_or_path={missing}",
+                     f"run.output_dir={tmp_path / 'eval'}"],
+        "predict": ["phi3v_recipes.predict", "hardware=cpu", f"model.name_or_path={missing}", *ask],
+        "relative": ["phi3v_recipes.predict", "hardware=cpu", "model.name_or_path=./nonexistent", *ask],
+    }, cwd=tmp_path)
+    wanted = ("does not exist; give the path of an existing model directory (a run directory, one of its "
+              "checkpoint-* directories, or a model in the official layout), a hub id such as "
+              "microsoft/Phi-3.5-vision-instruct")
+    assert error_line(results["train"]) == (f"error: model.name_or_path={missing} {wanted}, or model=tiny for the "
+                                            "offline demo model.")
+    for name in ("evaluate", "predict"):
+        assert error_line(results[name]) == f"error: model.name_or_path={missing} {wanted}.", name
+    assert error_line(results["relative"]) == f"error: model.name_or_path=./nonexistent {wanted}."
+    assert not (tmp_path / "answers.jsonl").exists() and not (tmp_path / "run" / "tiny_base").exists()

@@ -16,7 +16,7 @@ from PIL import Image
 from phi3v_recipes.report import write_report
 from phi3v_recipes.report.__main__ import main as report_main
 from phi3v_recipes.report.page import number
-from tests.conftest import read_metrics, run_cli
+from tests.conftest import read_metrics, run_cli, run_parallel
 
 # A tiny demo: 4-sample batches, 8 held-out samples.
 TINY = ("task.train_size=16", "task.eval_size=8", "train.global_batch_size=4", "train.batch_size=4",
@@ -247,3 +247,35 @@ def test_a_study_report_ranks_failed_trials_last_and_draws_the_trial_history(swe
     assert page.by_id("plot-trials") == ""
     assert [attrs["alt"] for tag, attrs, _ in page.elements if tag == "img" and "against" in attrs.get("alt", "")] \
         == ["accuracy against optim.lr"]
+
+
+def test_the_report_of_a_failed_or_diverged_run_shows_what_is_there(tmp_path):
+    """A launch that failed before its run began (a bad setting) leaves status.json, train.log and .hydra/, but no
+    config.yaml: `python -m phi3v_recipes.report` on it used to exit 2 ("holds neither a run"), although the report
+    is for failed runs too. It now writes the page (exit 0): the status with its reason, the end of train.log and
+    the launch's composed configuration. A diverged run (config.yaml, no metrics.json) was titled "run report: ? /
+    ?"; both are now titled with their task and strategy."""
+    bad, diverged = tmp_path / "bad", tmp_path / "diverged"
+    results = run_parallel({
+        "bad": ["phi3v_recipes", "optim.lr=abc", f"run.output_dir={bad}"],
+        "diverged": ["phi3v_recipes", "task.train_size=16", "task.eval_size=4", "train.global_batch_size=4",
+                     "train.batch_size=4", "train.max_steps=2", "optim.lr=1e30", "optim.warmup_steps=0",
+                     "eval.before=false", "report_to=none", f"run.output_dir={diverged}"],
+    }, cwd=tmp_path)
+    assert results["bad"].returncode == 2 and results["diverged"].returncode == 1, results["diverged"].stderr[-3000:]
+    assert not (bad / "config.yaml").exists() and (diverged / "config.yaml").is_file()
+    assert not (bad / "metrics.json").exists() and not (diverged / "metrics.json").exists()
+    for run_dir, reason in ((bad, "optim.lr='abc' is not a number; give a number > 0."),
+                            (diverged, "training diverged at step ")):
+        assert report_main([str(run_dir)]) == 0
+        page = read_page(run_dir / "report.html")
+        assert_self_contained(page)
+        assert ["".join(text).strip() for tag, _, text in page.elements if tag == "title"] == [
+            "run report: demo / full"]
+        assert page.by_id("status").startswith(f"status: failed: {reason}")
+        assert reason in page.by_id("log").splitlines()[-1]  # the end of train.log: the failure's sentence
+    assert "lr: abc" in page_config(bad) and "lr: 1.0e+30" in page_config(diverged)
+
+
+def page_config(run_dir: Path) -> str:
+    return read_page(run_dir / "report.html").by_id("config")

@@ -2,12 +2,13 @@
 run is not trained again. Through `python -m phi3v_recipes` on the tiny demo, on CPU."""
 
 import json
+import shutil
 import time
 
 from omegaconf import OmegaConf
 
 from phi3v_recipes.rundir import MAY_CHANGE, SAME_RUN, check_same_run
-from tests.conftest import compose_config, read_metrics, run_cli, start
+from tests.conftest import NINE_STEPS, compose_config, read_metrics, run_cli, start
 
 RUN = ("task.train_size=48", "task.eval_size=8", "train.logging_steps=1", "optim.warmup_steps=2",
        "eval.before=false", "eval.after=false", "train.save_steps=3")
@@ -44,7 +45,7 @@ def test_resume_with_other_settings_stops_naming_them_and_a_longer_run_extends(t
     assert longer.returncode == 0, longer.stderr[-3000:]
     assert read_metrics(run_dir)["global_steps"] == 5
     assert "as measured by the first launch of this run" in (run_dir / "train.log").read_text()
-    previous = json.loads((run_dir / "metrics.previous.json").read_text())
+    (previous,) = json.loads((run_dir / "metrics.previous.json").read_text())
     assert read_metrics(run_dir)["eval_before"] == previous["eval_before"] is not None
     assert OmegaConf.load(run_dir / "config.yaml").train.max_steps == 5
     assert (run_dir / "metrics.previous.json").is_file()
@@ -95,3 +96,43 @@ def test_the_keys_that_decide_the_weights_are_governed_and_the_rest_may_change()
         OmegaConf.update(now, key, value)
     assert len(check_same_run(saved, now)) == 6
     assert all(key.startswith(SAME_RUN) for key in MAY_CHANGE)
+
+
+def test_a_finished_run_relaunched_with_another_keep_best_is_refused_and_its_record_stays_true(three_steps, tmp_path):
+    """A relaunch of a finished run trains nothing, so it cannot choose its final model again: changing
+    eval.keep_best there is refused with one sentence (exit 2) naming the key and both values, and nothing in the
+    run directory changes, config.yaml included. It used to exit 0 ("nothing to train") while config.yaml kept the
+    old value: the record said one thing, the launch another."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(three_steps, run_dir)
+    before = untouched(run_dir)
+    out = run_cli([*NINE_STEPS, "train.max_steps=3", "train.save_steps=3", "eval.keep_best=false",
+                   f"run.output_dir={run_dir}"], cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert [line for line in out.stderr.splitlines() if line.startswith("error: ")] == [
+        "error: this run directory was trained with other settings; resuming would mix two runs (eval.keep_best: "
+        "True -> False). Resume with the original values, or start a new run in another run.output_dir."]
+    assert untouched(run_dir) == before
+    assert OmegaConf.load(run_dir / "config.yaml").eval.keep_best is True
+
+
+def test_every_extension_of_a_finished_run_keeps_the_earlier_records(three_steps, tmp_path):
+    """A finished run extended twice (3 steps, then 4, then 5) keeps both earlier metrics.json in
+    metrics.previous.json, oldest first, each exactly as it was; the second extension used to overwrite the first
+    run's record."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(three_steps, run_dir)
+    first = read_metrics(run_dir)
+    base = [*NINE_STEPS, "train.save_steps=3", f"run.output_dir={run_dir}"]
+    out = run_cli([*base, "train.max_steps=4"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    second = read_metrics(run_dir)
+    out = run_cli([*base, "train.max_steps=5"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert [m["global_steps"] for m in (first, second, read_metrics(run_dir))] == [3, 4, 5]
+    assert json.loads((run_dir / "metrics.previous.json").read_text()) == [first, second]
+    from phi3v_recipes.rundir import read_previous_metrics  # how code reads it (the old single record too)
+
+    assert read_previous_metrics(run_dir) == [first, second]
+    (run_dir / "metrics.previous.json").write_text(json.dumps(first))
+    assert read_previous_metrics(run_dir) == [first]

@@ -7,6 +7,7 @@ warm-up, which shake it: the scores move (0.75, 0.25, 0.375 on this stack) and t
 step, not the last one."""
 
 import json
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -17,6 +18,8 @@ from safetensors.torch import load_file
 from phi3v_recipes.selection import Evaluations
 from tests.conftest import read_metrics, run_cli
 from tests.test_preemption import logged, run, start, wait_for
+from tests.test_refusals import error_line
+from tests.test_run_dir import untouched
 
 EVERY, PATIENCE, MAX_STEPS = 2, 2, 24
 # 48 samples in steps of 8 (6 per epoch); an evaluation every 2 steps on 8 held-out samples; rotation keeps 1.
@@ -159,3 +162,84 @@ def test_sigterm_between_two_evaluations_then_the_same_command_ends_with_the_sam
     assert [log.count(f"evaluation at step {e['step']}:") for e in metrics["evals"]] == [1] * len(metrics["evals"])
     assert [launch["start_step"] for launch in metrics["launches"]] == [0, saved]
     assert metrics["train_samples_per_second"] > 0
+
+
+def test_without_keep_best_the_selection_score_is_the_final_models_and_keep_best_cannot_be_turned_on_later(
+        selected, default_demo, tmp_path):
+    """eval.keep_best=false: the final model is the last step's weights, so `selection_score` (what sweeps and Optuna
+    rank runs by) is the last evaluation's score, at the final step, equal to eval_after; it used to be the best
+    evaluation's, an earlier step whose weights the run did not keep (rotation removed its checkpoint). A later
+    launch that extends the run with eval.keep_best=true is refused with one sentence (exit 2), touching nothing:
+    it used to finish with metrics.json claiming the best step as `model_step`, while transformers logged "Could not
+    locate the best model" and the final model held the last step's weights."""
+    run_dir = tmp_path / "run"
+    out = run([*command(default_demo[1], run_dir), "eval.keep_best=false"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = read_metrics(run_dir)
+    evals, best, last = metrics["evals"], metrics["best"], metrics["evals"][-1]
+    assert best["step"] < last["step"] and best["score"] > last["score"], evals  # the case that tells them apart
+    assert metrics["model_step"] == metrics["global_steps"] == last["step"]
+    assert metrics["selection_score"] == last["score"]
+    assert metrics["eval_after"] == pytest.approx(last["score"], abs=1e-12)
+    assert not (run_dir / f"checkpoint-{best['step']}").exists()  # rotated away: not the final model
+
+    before = untouched(run_dir)
+    again = run([*command(default_demo[1], run_dir), "eval.keep_best=true", f"train.max_steps={MAX_STEPS + 6}",
+                 f"eval.patience={PATIENCE + 2}"], tmp_path)
+    assert error_line(again) == (
+        "error: this run directory was trained with other settings; resuming would mix two runs (eval.keep_best: "
+        "False -> True). Resume with the original values, or start a new run in another run.output_dir.")
+    assert untouched(run_dir) == before
+
+
+def test_a_best_checkpoint_that_is_gone_is_said_and_the_final_model_recorded_as_it_is(selected, default_demo,
+                                                                                     tmp_path):
+    """Rotation keeps the best checkpoint under keep_best, but a run can still lose it (deleted by hand, or a resume
+    from an older checkpoint whose history's best was rotated away). A launch that ends such a run (here: a longer
+    train.max_steps on a run that patience had ended: it trains nothing more) says so in train.log, keeps the last
+    step's weights and records them: `model_step` is the last step and `selection_score` its score. It used to
+    claim the best step in metrics.json while transformers logged "Could not locate the best model" and loaded
+    nothing."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(selected[1], run_dir)
+    earlier = read_metrics(run_dir)
+    best, last = earlier["best"], earlier["evals"][-1]
+    assert best["step"] < last["step"] == earlier["global_steps"]
+    gone = run_dir / f"checkpoint-{best['step']}"
+    shutil.rmtree(gone)
+    log_before = (run_dir / "train.log").read_text()
+
+    out = run([*command(default_demo[1], run_dir), f"train.max_steps={MAX_STEPS + 6}"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    log = (run_dir / "train.log").read_text()[len(log_before):]
+    assert (f"eval.keep_best: the best evaluation (accuracy = {best['score']:.4f} at step {best['step']}) has no "
+            f"checkpoint any more ({gone} is gone); the final model is the last "
+            f"step's weights (step {last['step']})") in log
+    assert "Could not locate the best model" not in log
+    metrics = read_metrics(run_dir)
+    assert metrics["evals"] == earlier["evals"] and metrics["best"] == best  # the record is kept as it was
+    assert metrics["model_step"] == metrics["global_steps"] == last["step"]
+    assert metrics["selection_score"] == last["score"]
+    assert metrics["eval_after"] == pytest.approx(last["score"], abs=1e-12)
+    assert f"final model: step {last['step']}" in out.stdout
+    final, kept = load_file(run_dir / "model.safetensors"), load_file(run_dir / f"checkpoint-{last['step']}" /
+                                                                       "model.safetensors")
+    assert final.keys() == kept.keys() and all((final[k] == kept[k]).all() for k in final)
+
+
+def test_a_resume_never_compares_scores_of_another_held_out_set(selected, default_demo, tmp_path):
+    """The best evaluation is chosen among the scores of every launch, so a resume that would score another
+    held-out subset (eval.max_samples) or generate answers of another length (eval.max_new_tokens) is refused with
+    one sentence naming each key, old -> new (exit 2), and the run directory is untouched. It used to train on,
+    evaluating 4 samples and comparing those scores with the earlier launch's 8-sample ones."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(selected[1], run_dir)
+    before = untouched(run_dir)
+    out = run([*command(default_demo[1], run_dir), f"train.max_steps={MAX_STEPS + 6}", f"eval.patience={PATIENCE + 2}",
+               "eval.max_samples=4", "eval.max_new_tokens=2"], tmp_path)
+    assert error_line(out) == (
+        "error: this run directory was trained with other settings; resuming would mix two runs (eval.max_new_tokens: "
+        "4 -> 2; eval.max_samples: None -> 4). Resume with the original values, or start a new run in another "
+        "run.output_dir.")
+    assert untouched(run_dir) == before
+

@@ -2,11 +2,14 @@
 every job with its status and reason, the command says how to re-run, and re-running keeps what finished. All
 through `python -m phi3v_recipes -m ...` on the tiny demo, on CPU."""
 
+import fcntl
 import json
+import re
 import shlex
 import sqlite3
 import subprocess
 import sys
+from urllib.parse import unquote
 
 import yaml
 
@@ -108,6 +111,14 @@ def test_an_optuna_study_records_a_failing_trial_goes_on_and_continues_in_its_sw
     assert sorted(second) == [0, 1, 2, 3] and {n: second[n] for n in first} == first
     assert (sweep / "3" / "status.json").is_file() and not (sweep / "4").exists()
 
+    # another search space in the same directory would mix two searches in one study: refused before it opens
+    other = [a.replace("choice(1e-3,1e30)", "choice(1e-3,2e-3)") for a in study]
+    changed = run_cli([*other, "hydra.sweeper.n_trials=5"], cwd=tmp_path)
+    assert changed.returncode == 2, changed.stderr[-3000:]
+    assert ("it swept optim.lr=choice(1e-3,1e30); this one sweeps optim.lr=choice(1e-3,2e-3)); its study would mix "
+            "two searches") in changed.stderr
+    assert trials(sweep) == second and not (sweep / "4").exists()
+
 
 def test_the_optuna_sweeper_without_optuna_is_one_sentence(tmp_path):
     """hydra/sweeper=optuna where Optuna is not installed stops at start-up with one sentence naming the extra."""
@@ -140,3 +151,87 @@ def test_the_optuna_search_space_keeps_the_hydra_optuna_sweeper_syntax():
     assert fixed == ["train.seed=3", "task=demo"]
     assert [encode(v) for v in (1e-05, 3, True, None, "lora", "a b")] == ["1e-05", "3", "true", "null", "lora",
                                                                            "'a b'"]
+
+
+def summary_rows(sweep) -> dict[int, tuple[str, float | None]]:
+    return {r["job"]: (r["status"], r["selection_score"]) for r in json.loads((sweep / "summary.json").read_text())}
+
+
+def test_a_sweep_directory_holds_one_sweep_and_each_launch_of_it_reports_its_own_jobs(tmp_path):
+    """A sweep directory holds one sweep, as a run directory holds one run. Another sweep there (other values,
+    fewer jobs, the same values in another order, or a setting a resume must keep) is refused at once with one
+    sentence naming the difference and the command that continues the first sweep, and nothing in the directory
+    changes. A second launch while the first holds the directory is refused alike. A job of a later launch that
+    is refused at its own door (here its run directory is busy) is failed in the summary, with no score, and the
+    command exits 1 (it used to stay "done" with its old metrics, exit 0); once the same command finds it
+    finished again, it is done with its original record."""
+    sweep = tmp_path / "sweep"
+    first = ["-m", *TINY, "optim.lr=1e-3,2e-3", f"hydra.sweep.dir={sweep}"]
+    out = run_cli(first, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    done = {n: status(sweep / str(n)) for n in (0, 1)}
+    kept = {p: p.stat().st_mtime_ns for p in sweep.rglob("*") if p.is_file() and p.name != ".lock"}
+
+    others = {
+        "optim.lr=1e-3,3e-3": "it swept optim.lr=1e-3,2e-3; this one sweeps optim.lr=1e-3,3e-3",
+        "optim.lr=1e-3": "it swept optim.lr=1e-3,2e-3; this one sweeps nothing",
+        "optim.lr=2e-3,1e-3": "it swept optim.lr=1e-3,2e-3; this one sweeps optim.lr=2e-3,1e-3",
+        "optim.lr=1e-3,2e-3 optim.weight_decay=0.3": "a sweep trained with other settings; re-running it there "
+                                                     "would mix two sweeps (optim.weight_decay: 0.01 -> 0.3)",
+    }
+    for overrides, difference in others.items():
+        refused = run_cli(["-m", *TINY, *overrides.split(), f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+        assert refused.returncode == 2, (overrides, refused.stderr[-3000:])
+        (line,) = refused.stderr.strip().splitlines()
+        assert line.startswith(f"error: hydra.sweep.dir={sweep} holds ") and difference in line, line
+        assert line.endswith(f"{shlex.join(['python', '-m', 'phi3v_recipes', *first])}"), line
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept  # nothing written, not even the summary
+
+    with (sweep / ".lock").open("a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        busy = run_cli(first, cwd=tmp_path)
+    assert busy.returncode == 2 and busy.stderr.strip().splitlines()[-1].startswith(
+        f"error: {sweep} is in use by another sweep"), busy.stderr[-3000:]
+
+    with (sweep / "1" / ".lock").open("a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        refused_job = run_cli(first, cwd=tmp_path)
+    assert refused_job.returncode == 1, refused_job.stderr[-3000:]
+    assert "error: 1 of 2 jobs did not finish (job 1 failed)" in refused_job.stderr
+    assert status(sweep / "1")["reason"].startswith(f"{sweep / '1'} is in use by another run")
+    assert summary_rows(sweep) == {0: ("done", read_metrics(sweep / "0")["selection_score"]), 1: ("failed", None)}
+
+    again = run_cli(first, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {n: status(sweep / str(n)) for n in (0, 1)} == done
+    assert summary_rows(sweep) == {n: ("done", read_metrics(sweep / str(n))["selection_score"]) for n in (0, 1)}
+
+
+def test_jobs_under_a_custom_subdir_are_summarised_and_a_file_in_a_jobs_place_is_one_sentence(tmp_path):
+    """hydra.sweep.subdir=${hydra.job.override_dirname}: the summary and report.html still list every job (the
+    summary used to read only numbered directories: empty, exit 0 although a job diverged), each with its
+    directory, and the report links each finished job's report where it is. A file where Hydra makes a job's
+    directory stops the sweep with one sentence (exit 1) saying how to continue, not a FileExistsError
+    traceback."""
+    sweep = tmp_path / "named"
+    out = run_cli(["-m", *TINY, "optim.lr=1e-3,1e30", "hydra.sweep.subdir=${hydra.job.override_dirname}",
+                   f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "error: 1 of 2 jobs did not finish (job 1 failed)" in out.stderr
+    rows = {r["job"]: r for r in json.loads((sweep / "summary.json").read_text())}
+    assert sorted(rows) == [0, 1] and rows[0]["status"] == "done" and rows[1]["status"] == "failed"
+    assert all("optim.lr=" in r["dir"] and (sweep / r["dir"] / "status.json").is_file() for r in rows.values())
+    assert f"0 ({rows[0]['dir']})" in (sweep / "summary.txt").read_text()
+    links = re.findall(r'href="([^"]+)"', (sweep / "report.html").read_text())
+    assert [unquote(link) for link in links] == [f"{rows[0]['dir']}/report.html"]
+    assert (sweep / unquote(links[0])).is_file()
+
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "0").write_text("not a directory")
+    stopped = run_cli(["-m", *TINY, "optim.lr=1e-3,2e-3", f"hydra.sweep.dir={blocked}"], cwd=tmp_path)
+    assert stopped.returncode == 1 and "Traceback" not in stopped.stderr, stopped.stderr[-3000:]
+    assert stopped.stderr.strip().splitlines()[-1] == (
+        f"error: the sweep stopped before its next job: File exists ({blocked / '0'}). The jobs that ran are kept; "
+        "make that path usable (a file where a job's directory goes: move it away), then run the same command "
+        f"with hydra.sweep.dir={blocked} to continue.")

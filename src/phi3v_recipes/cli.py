@@ -18,6 +18,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from phi3v_recipes import cluster
 from phi3v_recipes.cluster import rank, run_stamp
 from phi3v_recipes.config import check_output_dir
 from phi3v_recipes.errors import ConfigError, RunStopped, SampleError, closest
@@ -161,6 +162,17 @@ def one_sentence_errors(main: Callable[..., T]) -> Callable[..., T]:
                 raise
             print(f"error: {composition_sentence(err)}", file=sys.stderr, flush=True)
             sys.exit(2)
+        except OSError as err:
+            sweep_dir = cluster.sweep_dir
+            if full_report or sweep_dir is None:
+                raise
+            # A job's own errors end in its status.json (status.train_and_record); this one is Hydra's, making a
+            # job's directory (a file in its place, no permission, a full disk): the sweep cannot go on.
+            print(f"error: the sweep stopped before its next job: {err.strerror or err} ({err.filename}). The jobs "
+                  "that ran are kept; make that path usable (a file where a job's directory goes: move it away), "
+                  f"then run the same command with hydra.sweep.dir={sweep_dir} to continue.", file=sys.stderr,
+                  flush=True)
+            sys.exit(1)
         finally:
             if not full_report:
                 os.environ.pop("HYDRA_FULL_ERROR", None)

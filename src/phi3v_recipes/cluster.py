@@ -29,6 +29,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 _exported = False
+sweep_dir: Path | None = None  # the sweep's directory, in the process that runs a multirun (`-m`)
 
 
 def in_submitit_job() -> bool:
@@ -87,7 +88,9 @@ class SubmissionSetup(Callback):
     no Slurm to submit to."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global sweep_dir
         os.environ["PHI3V_RUN_STAMP"] = run_stamp()
+        sweep_dir = Path(config.hydra.sweep.dir).resolve()
         launcher = str(config.hydra.launcher.get("_target_", ""))
         if launcher.endswith(".SlurmLauncher") and not (shutil.which("sbatch") and shutil.which("srun")):
             print("error: hydra/launcher=slurm submits with sbatch and srun, which are not on PATH here; submit "

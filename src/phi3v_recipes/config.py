@@ -174,11 +174,20 @@ def check_scheduler(name: Any) -> None:
                             f"choose one of {', '.join(known)}.")
 
 
-def check_model_path(path: Any) -> None:
-    """ConfigError unless model.name_or_path is a non-empty string (a hub id, a directory or `tiny`)."""
+def check_model_path(path: Any, training: bool = True) -> None:
+    """ConfigError unless model.name_or_path is a non-empty string (a hub id, a directory, or `tiny` for
+    training), and, when it is written as a path (absolute, or starting with `.` or `~`: a hub id never does), an
+    existing one: such a path that does not exist is no hub id either, and the hub client would reject it with a
+    validation traceback. `training=False` (evaluate, predict, export) does not offer the untrained `tiny`."""
+    demo = ", or model=tiny for the offline demo model" if training else ""
     _require(isinstance(path, str) and path.strip() != "",
-             f"model.name_or_path={path!r} names no model; give a hub id, a local directory, a run directory or "
-             "`tiny` (the offline demo model).")
+             f"model.name_or_path={path!r} names no model; give a hub id, a local directory or a run directory"
+             f"{demo}.")
+    if os.path.isabs(path) or path.startswith((".", "~")):
+        _require(Path(path).exists(),
+                 f"model.name_or_path={path} does not exist; give the path of an existing model directory (a run "
+                 "directory, one of its checkpoint-* directories, or a model in the official layout), a hub id "
+                 f"such as microsoft/Phi-3.5-vision-instruct{demo}.")
 
 
 def check_metric(name: Any) -> None:

@@ -18,7 +18,7 @@ from phi3v_recipes.cli import (
     register_resolvers,
 )
 from phi3v_recipes.cluster import output_dir, rank
-from phi3v_recipes.config import check_hardware, check_settings
+from phi3v_recipes.config import check_hardware, check_model_path, check_settings
 from phi3v_recipes.errors import ConfigError, check_on_error
 from phi3v_recipes.files import atomic_write_text
 
@@ -27,6 +27,7 @@ register_resolvers()
 
 def run(cfg: DictConfig) -> dict:
     check_settings(cfg, nullable=["data.num_crops"])
+    check_model_path(cfg.model.name_or_path, training=False)
     check_hardware(cfg)
     check_on_error(cfg.data.on_error)
     # the data and model code (transformers) load after the checks above, so that a mistake is answered at once

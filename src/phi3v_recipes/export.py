@@ -33,7 +33,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from phi3v_recipes.cli import exit_on_user_error, one_sentence_errors, register_resolvers, tell_deepspeed_cpu
-from phi3v_recipes.config import check_output_dir
+from phi3v_recipes.config import check_model_path, check_output_dir
 from phi3v_recipes.errors import ConfigError, RunStopped, reason
 from phi3v_recipes.rundir import checkpoints, run_config
 
@@ -112,6 +112,7 @@ def check_settings(cfg: DictConfig) -> Path:
                           "max_shard_size=5GB, or bytes as a whole number.")
     if cfg.check.split not in ("train", "eval"):
         raise ConfigError(f"check.split={cfg.check.split}: choose train or eval.")
+    check_model_path(cfg.model.name_or_path, training=False)
     check_output_dir(output, "output")
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise ConfigError(f"output={output} already exists and is not empty; choose a new directory (nothing is "

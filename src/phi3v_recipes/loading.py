@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from huggingface_hub.errors import HFValidationError
 from omegaconf import DictConfig
 from transformers import AutoModelForCausalLM
 
@@ -48,8 +49,8 @@ def _loading(what: str, path: str, adapter: str | None = None) -> Iterator[None]
     base model of the LoRA run directory `adapter`: its adapter_config.json)."""
     try:
         yield
-    except OSError as err:
-        why = reason(err)
+    except (OSError, HFValidationError) as err:  # a missing path that is no valid hub id either: the hub client's
+        why = reason(err)                        # validation error (config.check_model_path answers most earlier)
         if adapter is not None:
             raise ConfigError(
                 f"cannot load the base model {path} that {adapter}/adapter_config.json names ({why}); point its "

@@ -19,7 +19,7 @@ import hydra
 from omegaconf import DictConfig
 
 from phi3v_recipes.cli import exit_on_user_error, one_sentence_errors, register_resolvers
-from phi3v_recipes.config import check_hardware, check_output_dir, check_settings
+from phi3v_recipes.config import check_hardware, check_model_path, check_output_dir, check_settings
 from phi3v_recipes.errors import ConfigError, SampleError
 
 if TYPE_CHECKING:  # the data and model modules load transformers: imported where a command needs them
@@ -89,6 +89,7 @@ def run(cfg: DictConfig) -> int:
     if not cfg.get("input") or not cfg.get("output"):
         raise ConfigError("predict needs input=<conversations.jsonl> and output=<answers.jsonl>.")
     check_settings(cfg, nullable=["data.num_crops"])
+    check_model_path(cfg.model.name_or_path, training=False)
     check_hardware(cfg)
     check_output_dir(cfg.output, "output", file=True)
     # the data and model code (transformers) load after the checks above, so that a mistake is answered at once

@@ -41,12 +41,30 @@ STAGING = ".checkpoint-staging"
 LOCK = ".lock"
 RECORD = "config.yaml"  # the resolved configuration that trains the run's weights
 METRICS = "metrics.json"  # written when a run finishes: its presence marks a finished run
-PREVIOUS_METRICS = "metrics.previous.json"  # a finished run's metrics, once a longer run extends it
+PREVIOUS_METRICS = "metrics.previous.json"  # every earlier finished record of a run that later launches extended:
+                                           # a JSON list of metrics.json's, oldest first (read_previous_metrics)
 SKIPPED = "skipped.txt"  # one problem sentence per bad sample dropped under data.on_error=skip
 STATUS = "status.json"  # how the last launch ended: done, failed or stopped, with its reason (status.py)
 
-# Groups (dotted prefixes of the composed config) that decide which weights a run produces: a resume must keep them.
-SAME_RUN = ("model.", "task.", "strategy.", "optim.", "train.", "data.", "hardware.precision")
+# Groups (dotted prefixes of the composed config) that decide which weights a run produces, and the keys that decide
+# which of its weights are kept and how they are scored: a resume must keep them.
+SAME_RUN = (
+    "model.", "task.", "strategy.", "optim.", "train.", "data.", "hardware.precision",
+    # The held-out set and how an answer is generated for scoring: the best evaluation is chosen among scores of
+    # every launch (selection.py), and eval_before is reused from the first launch, so a resume that evaluated
+    # other samples (eval.max_samples; the task's split and size are under task.) or generated differently
+    # (eval.max_new_tokens) would compare scores of different tests. eval.batch_size may change: it changes how
+    # many prompts are padded together, the rounding, not the samples or the answer's length (like
+    # model.attn_implementation below).
+    "eval.max_samples",
+    "eval.max_new_tokens",
+    # Which weights become the final model. Refused, not applied, even for a relaunch of a finished run that trains
+    # nothing: its final model was already chosen (and the checkpoints the other choice needs may be rotated away,
+    # since rotation keeps the best one only under keep_best), so a launch that trains nothing cannot apply the new
+    # value, and recording it in config.yaml would describe a model the run does not hold. A resume that turned it
+    # on would look for a best checkpoint that rotation did not keep.
+    "eval.keep_best",
+)
 # Keys inside those groups that a resumed run may change: the run's length, checkpointing and logging cadence,
 # how bad samples are handled, DataLoader and screening workers, and how the model runs (attention back-end, not
 # its maths).
@@ -95,8 +113,8 @@ def remove_incomplete(run_dir: Path) -> list[str]:
 class RunLock:
     """An exclusive lock on a run directory for the life of this process (see the module docstring)."""
 
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / LOCK
+    def __init__(self, run_dir: Path, setting: str = "run.output_dir"):
+        self.path, self.setting = run_dir / LOCK, setting
         self.handle: Any = None
         self.took_over: dict | None = None
 
@@ -108,8 +126,9 @@ class RunLock:
             holder = _describe(_read_holder(self.path))
             handle.close()
             raise ConfigError(
-                f"{self.path.parent} is in use by another run ({holder}); wait for it to finish or stop it, or "
-                "choose another run.output_dir."
+                f"{self.path.parent} is in use by another {'sweep' if self.setting.startswith('hydra.') else 'run'} "
+                f"({holder}); wait for it to finish or stop it, or "
+                f"choose another {self.setting}."
             ) from None
         except OSError as err:  # e.g. a Lustre mount without flock: run unguarded rather than not at all
             log.warning("cannot lock %s (%s): this file system has no flock; a second job started in this run "
@@ -174,9 +193,10 @@ def resume_point(resume: Any, run_dir: Path, extends: bool = False) -> str | Non
                       "(one with a trainer_state.json).")
 
 
-def flat_config(cfg: DictConfig) -> dict[str, Any]:
+def flat_config(cfg: DictConfig, resolve: bool = True) -> dict[str, Any]:
     """The resolved configuration as `group.key: value` (`optim.lr: 2e-05`, `optim.betas: [0.9, 0.95]`): what a
-    resume compares and what the trackers log as parameters."""
+    resume compares and what the trackers log as parameters. With `resolve=False`, interpolations stay as written
+    (`${task.name}`): a sweep's configuration, compared before any job resolves it."""
     flat: dict[str, Any] = {}
 
     def walk(node: Any, prefix: str) -> None:
@@ -186,7 +206,7 @@ def flat_config(cfg: DictConfig) -> dict[str, Any]:
         else:
             flat[prefix[:-1]] = node
 
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    walk(OmegaConf.to_container(cfg, resolve=resolve), "")
     return flat
 
 
@@ -196,20 +216,28 @@ def _governed(key: str) -> bool:
     return any(key == p or key.startswith(p) for p in SAME_RUN)
 
 
-def check_same_run(saved: DictConfig, now: DictConfig, trained_by: str = "this run directory") -> list[str]:
-    """Compare a resumed run's configuration with the one that trained the checkpoint (`trained_by` names it).
-
-    Raises ConfigError naming every governed key that differs, with both values; returns the changes that are
-    allowed (`key: old -> new`), for the log.
-    """
-    old, new = flat_config(saved), flat_config(now)
-    forbidden, allowed = [], []
+def setting_changes(saved: DictConfig, now: DictConfig, resolve: bool = True) -> tuple[list[str], list[str]]:
+    """The keys that differ between two configurations as `key: old -> new`: (those a resume must keep, those it
+    may change)."""
+    old, new = flat_config(saved, resolve), flat_config(now, resolve)
+    forbidden: list[str] = []
+    allowed: list[str] = []
     for key in sorted(old.keys() | new.keys()):
         before, after = old.get(key, "<absent>"), new.get(key, "<absent>")
         if before == after:
             continue
         change = f"{key}: {before} -> {after}"
         (forbidden if _governed(key) else allowed).append(change)
+    return forbidden, allowed
+
+
+def check_same_run(saved: DictConfig, now: DictConfig, trained_by: str = "this run directory") -> list[str]:
+    """Compare a resumed run's configuration with the one that trained the checkpoint (`trained_by` names it).
+
+    Raises ConfigError naming every governed key that differs, with both values; returns the changes that are
+    allowed (`key: old -> new`), for the log.
+    """
+    forbidden, allowed = setting_changes(saved, now)
     if forbidden:
         raise ConfigError(
             f"{trained_by} was trained with other settings; resuming would mix two runs (" + "; ".join(forbidden)
@@ -289,6 +317,39 @@ def read_metrics(run_dir: Path) -> dict[str, Any]:
         return {}
 
 
+def read_previous_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """Every `metrics.json` this run had before later launches extended it (a larger train.max_steps or
+    train.epochs), oldest first; [] when it was never extended. A single record (the format of versions that kept
+    only the latest one) reads as a list of one."""
+    path = run_dir / PREVIOUS_METRICS
+    if not path.is_file():
+        return []
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise ConfigError(f"{path} is not valid JSON ({reason(err)}); restore it or move it away (it holds the "
+                          "metrics of this run's earlier finishes), then launch again.") from None
+    return [records] if isinstance(records, dict) else list(records)
+
+
+def set_aside_metrics(run_dir: Path) -> None:
+    """A finished run is being extended: its `metrics.json` joins the earlier records in `metrics.previous.json`
+    (appended, never overwriting one), then stops marking the run finished. The list is written before
+    metrics.json is removed, and a record equal to the last one kept is not added twice, so an interruption in
+    between loses and repeats nothing."""
+    path = run_dir / METRICS
+    try:
+        current = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise ConfigError(f"{path} is not valid JSON ({reason(err)}); restore it or move it away, then launch "
+                          "again to extend the run.") from None
+    records = read_previous_metrics(run_dir)
+    if not records or records[-1] != current:
+        records.append(current)
+        atomic_write_text(run_dir / PREVIOUS_METRICS, json.dumps(records, indent=2) + "\n")
+    path.unlink()
+
+
 def read_skipped(run_dir: Path) -> list[str]:
     """The distinct problems listed in `<run dir>/skipped.txt` (before and during training, over every launch)."""
     path = run_dir / SKIPPED
@@ -338,13 +399,16 @@ def open_run_dir(cfg: DictConfig, run_dir: Path, main: bool) -> tuple[RunLock | 
 _OPENED: set[Path] = set()  # run directories this process opened to train in (rank 0)
 
 
+def holds_run(run_dir: Path) -> bool:
+    """Whether `run_dir` holds a run that trained something or began to: its record, a checkpoint or metrics."""
+    return (run_dir / RECORD).exists() or (run_dir / METRICS).exists() or bool(checkpoints(run_dir))
+
+
 def owns_status(run_dir: Path) -> bool:
     """Whether this launch may record how it ended in `run_dir`'s status.json: it opened the directory to train
     there, or the directory holds no run (a fresh run or sweep job that failed before it began). A launch that was
     refused (another run's settings, a finished run, a busy lock) leaves the run's own record alone."""
-    if run_dir.resolve() in _OPENED:
-        return True
-    return not ((run_dir / RECORD).exists() or (run_dir / METRICS).exists() or checkpoints(run_dir))
+    return run_dir.resolve() in _OPENED or not holds_run(run_dir)
 
 
 def _open_run_dir(cfg: DictConfig, run_dir: Path) -> tuple[RunLock, str | None]:
@@ -371,7 +435,7 @@ def _open_run_dir(cfg: DictConfig, run_dir: Path) -> tuple[RunLock, str | None]:
     if resume is None or saved is None:
         record(cfg, run_dir)
     if resume is not None and (run_dir / METRICS).is_file():  # a finished run, extended: no longer final
-        os.replace(run_dir / METRICS, run_dir / PREVIOUS_METRICS)
+        set_aside_metrics(run_dir)
     (run_dir / STATUS).unlink(missing_ok=True)  # this launch trains here: how it ends replaces how the last one did
     _OPENED.add(run_dir.resolve())
     log.info("%s", f"resuming from {resume}" if resume else f"starting a new run in {run_dir} (if it is interrupted: "

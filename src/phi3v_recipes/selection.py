@@ -5,6 +5,8 @@
 - The best evaluation is the highest score, the earliest step among equal scores (every task metric is
   higher-is-better). `eval.keep_best` makes it the run's final model and keeps its checkpoint through rotation.
 - `eval.patience: K` ends training after K evaluations in a row without a higher score than the best so far.
+- The run's selection score (`selection_score` in metrics.json, what sweeps and Optuna rank runs by) is the score of
+  the model the run saved, nothing else: `selection_score` below.
 
 The scores are part of the run's exact record: every checkpoint carries the list of evaluations so far
 (`recipe_state.json`, see `trainer.py`), so a resumed run continues the same history and never evaluates a step
@@ -75,3 +77,16 @@ class Evaluations:
         if self.patience_exhausted and self.evals and self.evals[-1]["step"] == step and step < max_steps:
             return {"step": step, "evaluations_without_improvement": self.without_improvement}
         return None
+
+
+def selection_score(evals: list[dict[str, Any]], model_step: int, eval_after: float | None) -> float | None:
+    """metrics.json's `selection_score`: the held-out score of the final model, the weights of step `model_step`.
+
+    That is the evaluation during training at `model_step` when there is one: `best.score` under eval.keep_best
+    (the best evaluation's weights are the final model), the last evaluation under eval.keep_best=false (it falls
+    on the final step: the schedule's last step, or the one where patience stopped the run). Otherwise it is
+    `eval_after`, measured on the saved model, or None when the run did not evaluate its final model. It is never
+    the score of weights the run did not keep: with eval.keep_best=false the best evaluation may be an earlier step,
+    whose weights are not the final model, so crediting it would rank a run by a model it does not hold."""
+    at_model = [e["score"] for e in evals if e["step"] == model_step]
+    return at_model[-1] if at_model else eval_after

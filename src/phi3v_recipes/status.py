@@ -7,8 +7,11 @@ run, writes it when it ends (rank 0; single runs and sweep jobs alike): done (ex
 128 + the signal; the same command continues it) or failed (a configuration or data mistake: 2, divergence: 1,
 out of memory or any other exception: 1). A launch that is killed outright (kill -9, the OOM killer) writes
 nothing; a stale file from an earlier launch is removed when the next one opens the directory to train. A
-launch refused at the door of an existing run (a finished run relaunched, other settings, a busy lock) leaves the
-run's own status alone (`rundir.owns_status`).
+single run's launch refused at the door of an existing run (a finished run relaunched, other settings, a busy
+lock) leaves the run's own status alone (`rundir.owns_status`). A sweep job's is recorded whatever it found: the
+summary and an Optuna study read each job's status as how that job of this launch ended, so a refused job is
+failed, never the done of what its directory trained before (and a finished job is done again once a later
+launch finds it finished).
 
 In a sweep (`-m`) a failed job must not end the sweep: `train_and_record` then returns instead of raising, and
 the sweep goes on to its next job (`sweep.SweepSummary` tabulates every job's status at the end). A stopped job
@@ -57,8 +60,9 @@ def read_status(run_dir: Path) -> dict[str, Any] | None:
 
 
 def selection_score(metrics: dict[str, Any]) -> float | None:
-    """The score a run is compared by: `selection_score` in metrics.json (the best evaluation during training, or
-    eval_after), else `eval_after` for runs recorded before that key existed. Higher is better for every task."""
+    """The score a run is compared by: `selection_score` in metrics.json (the held-out score of the model the run
+    kept, `selection.selection_score`), else `eval_after` for runs recorded before that key existed. Higher is
+    better for every task."""
     if "selection_score" in metrics:
         return metrics["selection_score"]
     return metrics.get("eval_after")
@@ -118,8 +122,13 @@ def train_and_record(run: Callable[[DictConfig], dict[str, Any]], cfg: DictConfi
             raise
 
     def record(status: str, reason: str, exit_code: int) -> None:
-        if main and job_dir is not None and job_dir.is_dir() and owns_status(job_dir):
+        if not (main and job_dir is not None and job_dir.is_dir()):
+            return
+        if owns_status(job_dir) or (multirun and status != "done"):
             write_status(job_dir, status, reason, exit_code)
+        elif multirun and (read_status(job_dir) or {}).get("status") != "done":
+            # a finished job that a launch of the sweep refused since (its status says failed): done again
+            write_status(job_dir, "done", done_reason(read_metrics(job_dir)), 0)
 
     try:
         metrics = exit_on_user_error(watched, cfg)
@@ -153,10 +162,15 @@ def train_and_record(run: Callable[[DictConfig], dict[str, Any]], cfg: DictConfi
         _release_memory()
         _restore(handlers)
         return None
+    record("done", done_reason(metrics), 0)
+    return selection_score(metrics)
+
+
+def done_reason(metrics: dict[str, Any]) -> str:
+    """The reason recorded for a finished run: its steps and its selection score."""
     score = selection_score(metrics)
-    record("done", f"trained {metrics.get('global_steps')} steps; selection score "
-           f"{'none (no evaluation)' if score is None else f'{score:.4f}'}", 0)
-    return score
+    return (f"trained {metrics.get('global_steps')} steps; selection score "
+            f"{'none (no evaluation)' if score is None else f'{score:.4f}'}")
 
 
 def _restore(handlers: dict[int, Any]) -> None:

@@ -20,25 +20,46 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from phi3v_recipes.errors import ConfigError
 from phi3v_recipes.files import atomic_write_text
 from phi3v_recipes.report import write_report
-from phi3v_recipes.rundir import read_metrics
+from phi3v_recipes.rundir import RunLock, holds_run, load_record, read_metrics, setting_changes
 from phi3v_recipes.status import read_status, selection_score
 
 COLUMNS = ("selection_score", "eval_before", "eval_after", "train_loss", "train_samples_per_second", "wall_time_s")
 STUDY_SWEEPER = "hydra_plugins.phi3v_optuna_sweeper.optuna_sweeper.OptunaSweeper"
+SWEEP_RECORD = "multirun.yaml"  # the sweep's composed configuration, written by the sweeper as it starts
 
 
-def job_dirs(sweep_dir: Path) -> list[Path]:
-    """The job directories of a sweep (its numbered subdirectories), in job order."""
-    return sorted((d for d in sweep_dir.iterdir() if d.is_dir() and d.name.isdigit()), key=lambda d: int(d.name))
+def jobs(sweep_dir: Path) -> list[tuple[int, Path]]:
+    """(job number, job directory) of every job in a sweep, in job order: the numbered subdirectories of the
+    default layout (`hydra.sweep.subdir=${hydra.job.num}`), and any other directory under it where Hydra recorded
+    a job (`.hydra/hydra.yaml`, with its number), wherever another `hydra.sweep.subdir` put it."""
+    found = {d: int(d.name) for d in sweep_dir.iterdir() if d.is_dir() and d.name.isdigit()}
+    for record in sweep_dir.glob("**/.hydra/hydra.yaml"):
+        job = record.parent.parent
+        if job not in found and (number := _job_number(record)) is not None:
+            found[job] = number
+    nested = {parent for job in found for parent in job.parents}  # `${hydra.job.num}/...`: the job is below
+    return sorted(((n, d) for d, n in found.items() if d not in nested), key=lambda job: (job[0], str(job[1])))
 
 
-def job_row(job: Path) -> dict[str, Any]:
-    """One job's row: overrides, status and reason, and its final metrics."""
+def _job_number(hydra_record: Path) -> int | None:
+    try:
+        number = (yaml.safe_load(hydra_record.read_text(encoding="utf-8")) or {})["hydra"]["job"]["num"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return None
+    return number if isinstance(number, int) else None
+
+
+def job_row(job: Path, number: int) -> dict[str, Any]:
+    """One job's row: its number and directory, overrides, status and reason, and the metrics of its finished run
+    (none unless its status is done: a job refused in a later launch of the sweep still holds the metrics of what
+    it trained before, which do not belong to its current overrides)."""
     overrides_file = job / ".hydra" / "overrides.yaml"
     overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
     metrics = read_metrics(job)
@@ -46,7 +67,9 @@ def job_row(job: Path) -> dict[str, Any]:
     if status is None:
         status = ({"status": "done", "reason": "finished (recorded before status.json existed)"} if metrics else
                   {"status": "failed", "reason": "the job ended without recording how (killed?); see its train.log"})
-    row = {"job": int(job.name), "overrides": overrides, "status": status["status"], "reason": status["reason"],
+    if status["status"] != "done":
+        metrics = {}
+    row = {"job": number, "overrides": overrides, "status": status["status"], "reason": status["reason"],
            "metric": metrics.get("metric")}
     row.update({k: metrics.get(k) for k in COLUMNS})
     row["selection_score"] = selection_score(metrics) if metrics else None
@@ -55,7 +78,7 @@ def job_row(job: Path) -> dict[str, Any]:
 
 def collect(sweep_dir: Path) -> list[dict[str, Any]]:
     """One row per job directory, the highest selection score first (then job order; jobs without a score last)."""
-    rows = [job_row(job) for job in job_dirs(sweep_dir)]
+    rows = [{**job_row(job, number), "dir": job.relative_to(sweep_dir).as_posix()} for number, job in jobs(sweep_dir)]
     return sorted(rows, key=lambda r: (r["selection_score"] is None, -(r["selection_score"] or 0.0), r["job"]))
 
 
@@ -72,7 +95,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             return " ".join(o for o in value if o not in shared) or "-"
         return "-" if value is None else str(value)
 
-    table = [header] + [[cell(k, row[k]) for k in header] for row in rows]
+    def job(row: dict[str, Any]) -> str:  # the job's directory too, when hydra.sweep.subdir is not its number
+        return str(row["job"]) if row.get("dir", str(row["job"])) == str(row["job"]) else f"{row['job']} ({row['dir']})"
+
+    table = [header] + [[job(row) if k == "job" else cell(k, row[k]) for k in header] for row in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in table]
     common = [f"overrides of every job: {' '.join(shared)}"] if shared else []
@@ -87,6 +113,58 @@ def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def job_list(cfg: DictConfig) -> list[str]:
+    """What decides a sweep's jobs and their directories, as overrides: the sweeper, the swept overrides in
+    command-line order (the order numbers the jobs), the search space kept in the config
+    (hydra.sweeper.params) and hydra.sweep.subdir."""
+    hydra = cfg.hydra
+    swept = [o.input_line for o in OverridesParser.create().parse_overrides(list(hydra.overrides.task))
+             if o.is_sweep_override()]
+    params = OmegaConf.to_container(hydra.sweeper, resolve=False).get("params") or {}
+    subdir = OmegaConf.to_container(hydra.sweep, resolve=False).get("subdir")
+    return [f"hydra/sweeper={hydra.runtime.choices.get('hydra/sweeper')}", *swept,
+            *(f"hydra.sweeper.params.{key}={value}" for key, value in params.items()),
+            f"hydra.sweep.subdir={subdir}"]
+
+
+def check_same_sweep(sweep_dir: Path, now: DictConfig) -> None:
+    """A sweep directory holds one sweep, as a run directory holds one run. Before a sweep starts in a directory
+    where an earlier one ran (its multirun.yaml), ConfigError when the two differ in their jobs (`job_list`: the
+    job directories would pass to other jobs, and the summary or the study would mix them), or, once a job has
+    trained something, in a setting a resumed run must keep (`rundir.SAME_RUN`, compared as written, before
+    interpolation). The same command, or one that changes only what a resume may change (say, train.epochs for
+    every job), continues it."""
+    path = sweep_dir / SWEEP_RECORD
+    if not path.is_file():
+        return
+    saved = load_record(path)
+    before, after = job_list(saved), job_list(now)
+    if before != after:
+        gone, new = [x for x in before if x not in after], [x for x in after if x not in before]
+        diff = (f"it swept {' '.join(gone) or 'nothing else'}; this one sweeps {' '.join(new) or 'nothing'}"
+                if gone or new else "the same values in another order, which numbers the jobs differently")
+        mixed = ("its study would mix two searches" if str(now.hydra.sweeper.get("_target_")) == STUDY_SWEEPER else
+                 "its job directories would pass to other jobs")
+        raise ConfigError(f"hydra.sweep.dir={sweep_dir} holds another sweep ({diff}); {mixed}. Give this sweep "
+                          "another hydra.sweep.dir, or continue that one with its own command: "
+                          f"{sweep_command(saved, sweep_dir)}")
+    if not any(holds_run(job) for _, job in jobs(sweep_dir)):
+        return  # nothing trained yet (every job failed at start-up, say): any settings may be tried again
+    forbidden, _ = setting_changes(saved, now, resolve=False)
+    if forbidden:
+        raise ConfigError(f"hydra.sweep.dir={sweep_dir} holds a sweep trained with other settings; re-running it "
+                          f"there would mix two sweeps ({'; '.join(forbidden)}). Give this sweep another "
+                          f"hydra.sweep.dir, or continue that one with its own command: "
+                          f"{sweep_command(saved, sweep_dir)}")
+
+
+def sweep_command(cfg: DictConfig, sweep_dir: Path) -> str:
+    """The command line of the sweep `cfg` describes (its multirun.yaml), pinned to `sweep_dir`."""
+    given = [*cfg.hydra.overrides.hydra, *cfg.hydra.overrides.task]
+    args = [a for a in given if not a.lstrip("+").startswith(("hydra.sweep.dir=", "hydra.mode="))]
+    return shlex.join(["python", "-m", "phi3v_recipes", "-m", *args, f"hydra.sweep.dir={sweep_dir}"])
+
+
 def rerun_command(sweep_dir: Path) -> str:
     """The command of this sweep, pinned to `sweep_dir` (hydra.sweep.dir) so that it continues there."""
     args = [a for a in sys.argv[1:] if not a.lstrip("+").startswith("hydra.sweep.dir=")]
@@ -96,7 +174,29 @@ def rerun_command(sweep_dir: Path) -> str:
 class SweepSummary(Callback):
     """Hydra callback: the summary of every sweep, and its exit code (see the module docstring)."""
 
+    lock: RunLock | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Lock the sweep directory for this sweep (a second sweep there is refused at once, not job by job) and
+        check that it holds no other sweep (`check_same_sweep`); either mistake: one sentence, exit 2."""
+        sweep_dir = Path(config.hydra.sweep.dir).resolve()
+        try:
+            sweep_dir.mkdir(parents=True, exist_ok=True)
+            self.lock = RunLock(sweep_dir, setting="hydra.sweep.dir")
+            self.lock.acquire()
+            check_same_sweep(sweep_dir, config)
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            sys.exit(2)
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            self._summarise(config)
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _summarise(self, config: DictConfig) -> None:
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
         if not sweep_dir.is_dir():
             return

@@ -46,7 +46,7 @@ from phi3v_recipes.model.modeling_phi3v import set_supervised_logits
 from phi3v_recipes.preemption import StopSignals
 from phi3v_recipes.report import write_report
 from phi3v_recipes.rundir import METRICS, SKIPPED, open_run_dir, read_skipped, record_skipped
-from phi3v_recipes.selection import Evaluations, predictions_name
+from phi3v_recipes.selection import Evaluations, predictions_name, selection_score
 from phi3v_recipes.strategy import apply_strategy
 from phi3v_recipes.trackers import Trackers, tensorboard
 from phi3v_recipes.trainer import RecipeTrainer, all_finite
@@ -255,14 +255,13 @@ def check_held_out(cfg: DictConfig, eval_samples: list[Sample]) -> None:
 
 def selection_record(trainer: RecipeTrainer, eval_after: float | None, model_step: int) -> dict[str, Any]:
     """metrics.json's model-selection keys: `evals` ([{step, score}]), `best` ({step, score} or null),
-    `selection_score` (best.score when evaluating during training, else eval_after), `early_stop` (null or
+    `selection_score` (the final model's score: selection.selection_score), `early_stop` (null or
     {step, evaluations_without_improvement}) and `model_step` (the step whose weights are the final model)."""
     evaluations = trainer.evaluations
-    best = evaluations.best
     return {
         "evals": evaluations.evals,
-        "best": best,
-        "selection_score": best["score"] if evaluations.enabled and best is not None else eval_after,
+        "best": evaluations.best,
+        "selection_score": selection_score(evaluations.evals, model_step, eval_after),
         "early_stop": trainer.early_stop,
         "model_step": model_step,
     }

@@ -47,7 +47,7 @@ from phi3v_recipes.cluster import resume_command
 from phi3v_recipes.errors import ConfigError, RunStopped, SampleError, reason
 from phi3v_recipes.model.metadata import finish_saved_model
 from phi3v_recipes.preemption import StopSignals
-from phi3v_recipes.rundir import CHECKPOINT_PREFIX, STAGING, append_skipped, checkpoints, record
+from phi3v_recipes.rundir import CHECKPOINT_PREFIX, STAGING, append_skipped, checkpoints, is_complete, record
 from phi3v_recipes.selection import Evaluations
 
 log = logging.getLogger("phi3v_recipes")
@@ -86,6 +86,7 @@ class RecipeTrainer(Trainer):
         self._train_started = self._launch_started
         self._eval_seconds = 0.0
         self._finished = False  # resumed from a checkpoint after which nothing is left to train (eval.patience)
+        self._resumed_from: Path | None = None  # the checkpoint this launch resumed from
         self.add_callback(_TrainBegin(self))
 
     # ---- batches: padding, length grouping or padding-free packing (data/batching.py) -----------------------
@@ -156,6 +157,7 @@ class RecipeTrainer(Trainer):
     # ---- steps -----------------------------------------------------------------------------------------------
 
     def train(self, resume_from_checkpoint: str | None = None, **kwargs: Any) -> Any:
+        self._resumed_from = Path(resume_from_checkpoint) if resume_from_checkpoint else None
         if resume_from_checkpoint:
             state = json.loads((Path(resume_from_checkpoint) / RECIPE_STATE).read_text())
             if state["world_size"] != self.args.world_size:
@@ -323,11 +325,25 @@ class RecipeTrainer(Trainer):
 
     def load_best(self) -> int:
         """Load the weights of the best evaluation (eval.keep_best) into the model; returns the step whose weights
-        the model now holds (the last step when it is the best, or when nothing was evaluated)."""
+        the model now holds (the last step when it is the best, or when nothing was evaluated).
+
+        Rotation never removes the best checkpoint under keep_best, but a run can still have lost it: it resumed
+        from an older checkpoint (train.resume=<path>) whose history's best was rotated away after a later
+        evaluation scored higher, or the checkpoint was deleted by hand. Then the model keeps the last step's
+        weights, a warning says so, and the returned step says so too (metrics.json `model_step`), rather than
+        claiming weights that were not loaded."""
         best = self.evaluations.best
-        if best is None or best["step"] == self.state.global_step:
-            return self.state.global_step
-        self.state.best_model_checkpoint = str(self._checkpoint_dir(best["step"]))
+        step = self.state.global_step
+        if best is None or best["step"] == step:
+            return step
+        checkpoint = self._best_checkpoint(best["step"])
+        if checkpoint is None:
+            log.warning("eval.keep_best: the best evaluation (%s = %.4f at step %d) has no checkpoint any more "
+                        "(%s is gone); the final model is the last step's weights (step %d), and metrics.json "
+                        "records that step and its score", self.recipe.task.metric, best["score"], best["step"],
+                        self._checkpoint_dir(best["step"]), step)
+            return step
+        self.state.best_model_checkpoint = str(checkpoint)
         self.state.best_metric = best["score"]
         self._load_best_model()
         log.info("final model: the weights of the best evaluation, %s = %.4f at step %d (%s)",
@@ -336,6 +352,16 @@ class RecipeTrainer(Trainer):
 
     def _checkpoint_dir(self, step: int) -> Path:
         return self.run_dir / f"{CHECKPOINT_PREFIX}{step}"
+
+    def _best_checkpoint(self, step: int) -> Path | None:
+        """The complete checkpoint of `step`: in the run directory, or beside the checkpoint this launch resumed
+        from (train.resume=<another run's checkpoint> carries that run's evaluations); None when neither has it."""
+        places = [self.run_dir] + ([self._resumed_from.parent] if self._resumed_from is not None else [])
+        for place in places:
+            checkpoint = place / f"{CHECKPOINT_PREFIX}{step}"
+            if checkpoint.is_dir() and is_complete(checkpoint):
+                return checkpoint
+        return None
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
 

@@ -230,7 +230,7 @@ class OptunaSweeper(Sweeper):
         if status["status"] == "stopped":
             log.warning("trial %d was stopped (%s): the same command continues it", number, status["reason"])
             return False
-        score = job_row(job_dir)["selection_score"] if status["status"] == "done" else None
+        score = job_row(job_dir, number)["selection_score"] if status["status"] == "done" else None
         if status["status"] == "done" and score is None:
             status = {"status": "failed", "reason": "the run has no selection score: evaluate it (eval.after=true "
                       "or eval.every_steps)"}

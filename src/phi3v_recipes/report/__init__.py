@@ -7,7 +7,8 @@ A run's page: its status; the final figures of metrics.json (before/after, selec
 best evaluation, early stop); the loss, learning rate and gradient norm of every optimizer step with each resume
 marked; the held-out score at each evaluation during training with the best one starred; a gallery of held-out
 predictions (thumbnail, question, reference, answer, verdict; wrong answers first); the skipped samples; the
-resolved config.yaml. A sweep's page: its jobs ranked by the selection score with their status, the score against
+resolved config.yaml. A run that did not finish also gets the end of its train.log; one that failed before it
+began (no config.yaml, only status.json, train.log and .hydra/) gets a page all the same. A sweep's page: its jobs ranked by the selection score with their status, the score against
 each swept parameter, every job's loss on one plot, and for an Optuna study its best trial and trial history.
 
 `train.run` writes the run's page after metrics.json, and `sweep.SweepSummary` the sweep's page after its
@@ -25,7 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from phi3v_recipes.errors import ConfigError
 from phi3v_recipes.files import atomic_write_text
-from phi3v_recipes.rundir import METRICS, RECORD
+from phi3v_recipes.rundir import METRICS, RECORD, STATUS
 
 log = logging.getLogger("phi3v_recipes")
 
@@ -55,7 +56,7 @@ def write_report(directory: str | Path, settings: DictConfig | None = None,
     directory = Path(directory)
     try:
         from phi3v_recipes.report.page import run_page, sweep_page
-        from phi3v_recipes.report.run_dir import read_run
+        from phi3v_recipes.report.run_dir import LAUNCH_CONFIG, read_run
         from phi3v_recipes.report.sweep_dir import is_sweep, read_sweep
 
         if not directory.is_dir():
@@ -63,11 +64,12 @@ def write_report(directory: str | Path, settings: DictConfig | None = None,
         settings = settings if settings is not None else load_settings()
         if is_sweep(directory):
             html = sweep_page(read_sweep(directory), settings)
-        elif (directory / RECORD).is_file() or (directory / METRICS).is_file():
-            html = run_page(read_run(directory), settings)
+        elif any((directory / name).is_file() for name in (RECORD, METRICS, STATUS, LAUNCH_CONFIG)):
+            html = run_page(read_run(directory), settings)  # a failed launch may have left only status.json
         else:
-            raise ConfigError(f"{directory} holds neither a run (config.yaml, metrics.json) nor a sweep (numbered "
-                              "job directories); give the directory a training run or a -m sweep wrote.")
+            raise ConfigError(f"{directory} holds neither a run (config.yaml, metrics.json, status.json or "
+                              ".hydra/config.yaml) nor a sweep (numbered job directories); give the directory a "
+                              "training run or a -m sweep wrote.")
         path = directory / REPORT
         atomic_write_text(path, html)
     except Exception as err:

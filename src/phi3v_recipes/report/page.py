@@ -75,6 +75,7 @@ def run_page(run: RunRecord, settings: DictConfig) -> str:
         images=images,
         gallery=build_gallery(run.run_dir, config, settings),
         skipped=run.skipped[: settings.skipped.max_listed],
+        log_tail=run.log_tail(settings.log.max_lines) if run.state != "done" else [],
     )
 
 
@@ -82,7 +83,7 @@ def sweep_page(sweep: SweepRecord, settings: DictConfig) -> str:
     """The HTML of a sweep's (or a study's) report."""
     plot = settings.plots
     ranked = sweep.ranked()
-    scores = [job.run.score for job in sweep.jobs]
+    scores = [job.score for job in sweep.jobs]
     numbers = [job.number for job in sweep.jobs]
     against = [(key, plots.metric_against(key, [job.values.get(key, "-") for job in sweep.jobs], scores, numbers,
                                           sweep.metric, plot))

@@ -1,7 +1,8 @@
 """A sweep directory read back for the report: one entry per job (its swept values, status and score), the
 parameters that vary between jobs, and, for an Optuna study, its best trial.
 
-Jobs are the numbered subdirectories (as in `sweep.collect`); each is read like a run (`run_dir.read_run`). A
+Jobs are those `sweep.collect` finds, with its score (none unless the job is done); each is read like a run
+(`run_dir.read_run`). A
 study is recognised by the sweeper's `optimization_results.yaml` (best_params, best_value) or by an Optuna sweeper
 in the sweep's `multirun.yaml`; its trials are its jobs, in job order.
 """
@@ -19,8 +20,12 @@ from phi3v_recipes.sweep import collect
 @dataclass
 class Job:
     number: int
+    dir: str
+    """The job's directory, relative to the sweep's (its number unless hydra.sweep.subdir says otherwise)."""
     overrides: list[str]
     run: RunRecord
+    score: float | None
+    """The selection score of the job's finished run (sweep.collect); None unless the job is done."""
 
     @property
     def values(self) -> dict[str, str]:
@@ -48,8 +53,8 @@ class SweepRecord:
     def ranked(self) -> list[Job]:
         """Jobs by score, best first (the task metric is higher-is-better); jobs without a score last, in job
         order."""
-        scored = sorted((j for j in self.jobs if j.run.score is not None), key=lambda j: -j.run.score)
-        return scored + [j for j in self.jobs if j.run.score is None]
+        scored = sorted((j for j in self.jobs if j.score is not None), key=lambda j: -j.score)
+        return scored + [j for j in self.jobs if j.score is None]
 
 
 def is_sweep(directory: Path) -> bool:
@@ -61,8 +66,8 @@ def is_sweep(directory: Path) -> bool:
 
 def read_sweep(sweep_dir: Path) -> SweepRecord:
     sweep_dir = Path(sweep_dir).resolve()
-    jobs = [Job(row["job"], list(row["overrides"] or []), read_run(sweep_dir / str(row["job"])))
-            for row in collect(sweep_dir)]
+    jobs = [Job(row["job"], row["dir"], list(row["overrides"] or []), read_run(sweep_dir / row["dir"]),
+                row["selection_score"]) for row in collect(sweep_dir)]
     keys = list(dict.fromkeys(k for job in jobs for k in job.values))
     swept = [k for k in keys if len({job.values[k] for job in jobs if k in job.values}) > 1 or len(jobs) == 1]
     metric = next((j.run.metrics["metric"] for j in jobs if j.run.metrics.get("metric")), "score")

@@ -136,3 +136,23 @@ def test_every_extension_of_a_finished_run_keeps_the_earlier_records(three_steps
     assert read_previous_metrics(run_dir) == [first, second]
     (run_dir / "metrics.previous.json").write_text(json.dumps(first))
     assert read_previous_metrics(run_dir) == [first]
+
+
+def test_resuming_in_place_from_a_checkpoint_that_is_not_the_newest_is_refused(three_steps, tmp_path):
+    """train.resume=<run>/checkpoint-3 while <run>/checkpoint-5 exists would grow a second history beside the first
+    in one directory (rotation then keeps the old branch's newest steps, and train.resume=auto continues them): one
+    sentence naming the later checkpoints and both ways out, exit 2, nothing changed. It used to train."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(three_steps, run_dir)
+    shutil.copytree(run_dir / "checkpoint-3", run_dir / "checkpoint-5")  # stands for a later step of the run
+    before = untouched(run_dir)
+    resume = run_dir / "checkpoint-3"
+    out = run_cli([*NINE_STEPS, "train.max_steps=6", "train.save_steps=3", f"train.resume={resume}",
+                   f"run.output_dir={run_dir}"], cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert [line for line in out.stderr.splitlines() if line.startswith("error: ")] == [
+        f"error: train.resume={resume} is not the newest checkpoint of {run_dir}: checkpoint-5 came after it, and "
+        "resuming from it there would mix two histories of the run. To go back to checkpoint-3, move checkpoint-5 "
+        f"out of the run directory first; or continue from it in a new run: train.resume={resume} "
+        "run.output_dir=<another directory>."]
+    assert untouched(run_dir) == before

@@ -188,6 +188,17 @@ def resume_point(resume: Any, run_dir: Path, extends: bool = False) -> str | Non
                               "to continue as run.output_dir=<its directory>, or train.resume=<checkpoint path>.")
         return None
     if isinstance(resume, str) and Path(resume).is_dir() and is_complete(Path(resume)):
+        chosen = Path(resume)
+        here = chosen.resolve().parent == run_dir.resolve() and chosen.resolve() in [c.resolve() for c in found]
+        later = [c.name for c in found if here and checkpoint_step(c) > checkpoint_step(chosen.resolve())]
+        if later:
+            # Going back in place would grow a second history beside the first: rotation (save_total_limit) keeps
+            # the newest steps, the old branch's, and deletes the new ones, and train.resume=auto continues theirs.
+            raise ConfigError(f"train.resume={resume} is not the newest checkpoint of {run_dir}: "
+                              f"{', '.join(later)} came after it, and resuming from it there would mix two histories "
+                              f"of the run. To go back to {chosen.name}, move {', '.join(later)} out of the run "
+                              "directory first; or continue from it in a new run: "
+                              f"train.resume={resume} run.output_dir=<another directory>.")
         return resume
     raise ConfigError(f"train.resume={resume} is neither auto, true, false nor a complete checkpoint directory "
                       "(one with a trainer_state.json).")

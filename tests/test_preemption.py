@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -173,3 +174,51 @@ def test_a_diverging_run_stops_naming_the_step_and_saves_no_broken_model(tmp_pat
     assert sorted(int(p.name.split("-")[1]) for p in run_dir.glob("checkpoint-*"))[-1] == step - 1
     assert not (run_dir / "model.safetensors").exists() and not (run_dir / "metrics.json").exists()
     assert "training diverged at step" in (run_dir / "train.log").read_text()
+
+
+# A run's log whose write blocks (train.log is a pipe whose reader waits), a stop signal sent to the main thread
+# during that write, then the reader drains the pipe.
+INTERRUPTED_WRITE = """
+import logging, os, signal, sys, threading, time
+from phi3v_recipes.preemption import StopSignals
+fifo, out = sys.argv[1], sys.argv[2]
+os.mkfifo(fifo)
+drain = threading.Event()
+def reader():
+    with open(fifo, "rb") as pipe, open(out, "wb") as sink:
+        drain.wait()
+        sink.write(pipe.read())
+threading.Thread(target=reader).start()
+handler = logging.FileHandler(fifo)
+handler.setFormatter(logging.Formatter("[%(name)s][%(levelname)s] - %(message)s"))
+logging.getLogger().addHandler(handler)
+logging.getLogger().setLevel(logging.INFO)
+StopSignals(["SIGTERM"])
+main = threading.get_ident()
+def interrupt():
+    time.sleep(0.5)
+    signal.pthread_kill(main, signal.SIGTERM)
+    time.sleep(0.3)
+    drain.set()
+threading.Thread(target=interrupt).start()
+for i in range(100):
+    logging.getLogger("demo").info("%03d %s", i, "x" * 1000)
+handler.close()
+"""
+
+
+def test_a_stop_signal_that_interrupts_a_log_write_is_logged_whole(tmp_path):
+    """A stop signal that lands while the main thread is inside a write to the run's log (the signal handler then
+    runs inside that write) is logged without re-entering it: its line arrives whole between the others, and
+    logging reports no error. It used to print "--- Logging error --- ... reentrant call" and lose the line (seen
+    in a SIGTERM to a run logging its step)."""
+    sink = tmp_path / "log"
+    out = subprocess.run([sys.executable, "-c", INTERRUPTED_WRITE, str(tmp_path / "pipe"), str(sink)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "Logging error" not in out.stderr, out.stderr[-3000:]
+    lines = sink.read_text().splitlines()
+    demo = [line.split(" ") for line in lines if line.startswith("[demo]")]
+    assert [(number, len(text)) for _, _, number, text in demo] == [(f"{i:03d}", 1000) for i in range(100)]
+    assert lines.count("[phi3v_recipes.preemption][WARNING] - received SIGTERM: finishing the current optimizer "
+                       "step, then saving a checkpoint and stopping") == 1
+    assert len(lines) == 101

@@ -41,8 +41,8 @@ class StopSignals:
             raise KeyboardInterrupt
         if self.received is None:
             self.received = number
-            log.warning("received %s: finishing the current optimizer step, then saving a checkpoint and stopping",
-                        signal.Signals(number).name)
+            _log_from_signal_handler(log, logging.WARNING, "received %s: finishing the current optimizer step, then "
+                                     "saving a checkpoint and stopping", signal.Signals(number).name)
 
     def restore(self) -> None:
         """Put back the handlers that were installed before ours."""
@@ -56,3 +56,30 @@ class StopSignals:
         handler = self.previous.get(self.received) if self.received else None
         if callable(handler) and handler is not signal.default_int_handler:
             handler(self.received, None)
+
+
+def _log_from_signal_handler(logger: logging.Logger, level: int, message: str, *args: Any) -> None:
+    """Log from a signal handler: the record goes to the root logger's handlers (the run's console and log files),
+    formatted as they format it, by one raw `os.write` each (a file handler through a descriptor of its own opened
+    for appending), never through the handlers' buffered streams. A Python signal handler runs inside whatever the
+    main thread was doing, also inside a write that the signal interrupted (a log line to train.log, a progress
+    bar to the console): writing to that same buffered stream again raises "reentrant call", and logging then
+    prints its error and loses the line."""
+    if not logger.isEnabledFor(level):
+        return
+    record = logger.makeRecord(logger.name, level, __file__, 0, message, args, None)
+    for handler in logging.getLogger().handlers:
+        if level < handler.level:
+            continue
+        line = (handler.format(record) + "\n").encode("utf-8", "replace")
+        try:
+            if isinstance(handler, logging.FileHandler):
+                descriptor = os.open(handler.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+                try:
+                    os.write(descriptor, line)
+                finally:
+                    os.close(descriptor)
+            elif isinstance(handler, logging.StreamHandler):
+                os.write(handler.stream.fileno(), line)
+        except (OSError, ValueError, AttributeError):  # a stream without a descriptor (captured output): skip it
+            continue

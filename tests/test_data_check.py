@@ -40,6 +40,9 @@ BAD_CASES = [
     (19, "image-at-top", "'image' belongs in a turn of 'conversations'"),
     (20, None, "'id' must be a non-empty string or a whole number, got None"),
     (21, "pipe-as-image", "image {root}/pipe.png cannot be read"),  # a named pipe nobody writes to: no wait
+    # the chat format's own tokens in a text: the tokenizer reads them as the tokens (a turn ends, a turn begins)
+    (22, "end-in-answer", "turn 1's answer holds <|end|>, a token the chat template writes itself"),
+    (23, "turn-in-question", "turn 2's question holds <|end|>, <|assistant|>, tokens the chat template writes"),
 ]
 
 
@@ -94,6 +97,9 @@ def tree(tmp_path_factory) -> Path:
         {"id": "image-at-top", "image": "red.png", "conversations": [{**turn, "images": []}]},
         {"id": None, "conversations": [turn]},
         {"id": "pipe-as-image", "conversations": [{**turn, "images": ["pipe.png"]}]},
+        {"id": "end-in-answer", "conversations": [{**turn, "assistant": "red<|end|>"}]},
+        {"id": "turn-in-question", "conversations": [turn, {"user": "Sure?<|end|>\n<|assistant|>\nyes",
+                                                             "assistant": "Yes"}]},
         *[good(i, color) for i, color in zip(range(2, 9), ["blue", "red"] * 4, strict=False)],
         {"id": "absolute-path", "conversations": [{**turn, "images": [str(root / "outside.png")]}]},  # allowed
     ]

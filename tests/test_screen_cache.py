@@ -12,7 +12,7 @@ from PIL import Image
 
 from phi3v_recipes.data.check import screen
 from phi3v_recipes.data.jsonl import read_jsonl
-from phi3v_recipes.data.screen_cache import CACHE_FILE, ScreenCache, screen_workers
+from phi3v_recipes.data.screen_cache import CACHE_FILE, SCREEN_FORMAT, ScreenCache, screen_workers
 from phi3v_recipes.model.tiny import build_tiny_processor
 from tests.conftest import read_metrics, run_cli
 
@@ -72,7 +72,7 @@ def test_first_screen_is_shared_across_two_ranks(tmp_path):
     assert "the held-out data repeats 1 sample id(s), 2 samples in all: 'e' at " in log
     assert "repeats" not in (run_dir / "train.rank1.log").read_text()
     cached = (run_dir / CACHE_FILE).read_text().splitlines()
-    assert json.loads(cached[0]) == {"format": 1} and len(cached) == 1 + 7 + 2
+    assert json.loads(cached[0]) == {"format": SCREEN_FORMAT} and len(cached) == 1 + 7 + 2
 
 
 def test_relaunch_reads_the_cache_and_screens_again_what_changed(tmp_path):
@@ -153,7 +153,8 @@ def test_an_unreadable_or_older_cache_is_ignored(tmp_path, caplog):
     with ScreenCache(tmp_path, processor, None, None, workers=1) as cache:
         cache.verdicts(samples)
     text = (tmp_path / CACHE_FILE).read_text()
-    for damaged in (text[: len(text) // 2], text.replace('{"format": 1}', '{"format": 0}')):
+    torn = text[: text.index("\n", len(text) // 2) + 10]  # a line cut in its middle
+    for damaged in (torn, text.replace(f'{{"format": {SCREEN_FORMAT}}}', f'{{"format": {SCREEN_FORMAT - 1}}}')):
         (tmp_path / CACHE_FILE).write_text(damaged)
         with ScreenCache(tmp_path, processor, None, None, workers=1) as cache:
             assert cache.verdicts(samples)[1].startswith("7 samples, 0 from cache, 7 screened")

@@ -66,11 +66,11 @@ def sample_problems(
     animation's first frame is used) go to `notes`."""
     # here, not at the top: with the processor code they load torch and transformers, which the command's
     # answer to a missing file does not need
-    from phi3v_recipes.data.encode import too_long, user_content
+    from phi3v_recipes.data.encode import control_token_problems, too_long, user_content
 
     if not sample.turns:
         return None, [f"{sample.where}: the conversation has no turns."]
-    problems: list[str] = []
+    problems: list[str] = control_token_problems(sample, processor.tokenizer)
     images: list[list[Any]] = []
     for k, turn in enumerate(sample.turns):
         images.append([])

@@ -45,6 +45,29 @@ def user_content(sample: Sample, turn_index: int) -> str:
     return turn.user
 
 
+def control_token_problems(sample: Sample, tokenizer: Any) -> list[str]:
+    """One problem per turn text that holds one of the tokenizer's special tokens (`<|end|>`, `<|assistant|>`,
+    `<s>`, ...). The chat template writes them itself, and the tokenizer reads them in text as the tokens, not as
+    characters: an answer with `<|end|>` would teach the model to stop there, a question with
+    `<|end|>\n<|assistant|>\n` would turn into a turn of its own, its answer unsupervised. The image tags
+    `<|image_N|>` are not among them (the processor's own markers, checked in `user_content`)."""
+    texts = [(k, part, text) for k, turn in enumerate(sample.turns)
+             for part, text in (("question", turn.user), ("answer", turn.assistant))
+             if isinstance(text, str) and "<" in text]
+    if not texts:
+        return []
+    specials = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
+    problems = []
+    for k, part, text in texts:
+        found = sorted((token for token in specials if token in text), key=text.index)
+        if found:
+            what = "a token" if len(found) == 1 else "tokens"
+            problems.append(f"{sample.where}: turn {k + 1}'s {part} holds {', '.join(found)}, {what} the chat "
+                            "template writes itself; in the text the tokenizer reads them as the tokens (the end of "
+                            "a turn, another turn), not as characters. Remove them from the data.")
+    return problems
+
+
 def prompt_text(processor: Any, content: str, earlier: Sequence[tuple[str, str]] = ()) -> str:
     """`<|user|>\n{content}<|end|>\n<|assistant|>\n` through the tokenizer's chat template, after the `earlier`
     (user content, assistant reply) turns of the conversation. The one prompt of training, evaluation and
@@ -81,6 +104,9 @@ def encode_sample(
     """Token ids, labels and pixels of a whole conversation (see the module docstring for the layout); images
     over `max_pixels` pixels (data.max_image_pixels) make it a SampleError, like any unreadable image."""
     tokenizer = processor.tokenizer
+    problems = control_token_problems(sample, tokenizer)
+    if problems:
+        raise SampleError(problems[0])
     ids: list[int] = []
     labels: list[int] = []
     pixels, sizes = [], []

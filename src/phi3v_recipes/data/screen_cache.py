@@ -45,7 +45,7 @@ from phi3v_recipes.files import atomic_write_text
 log = logging.getLogger("phi3v_recipes")
 
 CACHE_FILE = "screen_cache.jsonl"
-SCREEN_FORMAT = 1
+SCREEN_FORMAT = 2  # 2: texts holding the chat format's special tokens are problems
 """Bump when what the screen checks, or how it counts tokens, changes: every cached verdict is then screened again."""
 
 Verdict = tuple[int | None, list[str]]

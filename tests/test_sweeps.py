@@ -6,6 +6,7 @@ import fcntl
 import json
 import re
 import shlex
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from urllib.parse import unquote
 
 import yaml
 
-from tests.conftest import offline_env, read_metrics, run_cli
+from tests.conftest import offline_env, read_metrics, run_cli, start
 
 # Two optimizer steps of 4 samples and a 4-sample held-out set: seconds per job.
 TINY = ("task.train_size=16", "task.eval_size=4", "train.global_batch_size=4", "train.batch_size=4",
@@ -235,3 +236,104 @@ def test_jobs_under_a_custom_subdir_are_summarised_and_a_file_in_a_jobs_place_is
         f"error: the sweep stopped before its next job: File exists ({blocked / '0'}). The jobs that ran are kept; "
         "make that path usable (a file where a job's directory goes: move it away), then run the same command "
         f"with hydra.sweep.dir={blocked} to continue.")
+
+
+def test_sweep_directories_and_subdirs_that_cannot_hold_one_sweep_are_refused_before_any_job(tmp_path):
+    """One sentence (exit 2) before any job: a constant hydra.sweep.subdir (every job in one directory); and in a
+    directory holding a sweep, a subdir with the launch time (it could never continue there) or, with jobs named by
+    their overrides, an added override (every job would start again elsewhere). A sweep refused at composition (a
+    typo in a group option) leaves nothing that blocks the corrected command in the same directory; and the same
+    values written another way (`choice(1e-3, 2e-3)` for `1e-3,2e-3`) are the same sweep."""
+    def refused(args: list[str], sweep) -> str:
+        out = run_cli(["-m", *TINY, *args, f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+        return out.stderr.strip().splitlines()[-1]
+
+    assert refused(["optim.lr=1e-3,2e-3", "hydra.sweep.subdir=same"], tmp_path / "one").startswith(
+        "error: hydra.sweep.subdir=same puts every job of this sweep in one directory")
+    assert not (tmp_path / "one").exists()
+
+    sweep = tmp_path / "named"
+    named = ["optim.lr=1e-3", "hydra.sweep.subdir=${hydra.job.override_dirname}"]
+    assert "error: model=nosuch is not an option of model" in refused(["model=tiny,nosuch", *named], sweep)
+    out = run_cli(["-m", *TINY, *named, f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]  # the typo's launch made no job: the directory was free
+    assert "adds train.max_steps=3, so every job would start again in a new directory" in refused(
+        [*named, "train.max_steps=3"], sweep)
+    assert "holds the launch time" in refused(["optim.lr=1e-3", "hydra.sweep.subdir=${now:%H%M%S}"], sweep)
+    assert len(json.loads((sweep / "summary.json").read_text())) == 1
+
+    again = run_cli(["-m", *TINY, "optim.lr=choice(1e-3)", named[1], f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    assert again.returncode == 2  # a one-value choice is a sweep of one job, 1e-3 alone is no sweep
+    grid = tmp_path / "grid"
+    assert run_cli(["-m", *TINY, "train.max_steps=1", "optim.lr=1e-3,2e-3", f"hydra.sweep.dir={grid}"],
+                   cwd=tmp_path).returncode == 0
+    same = run_cli(["-m", *TINY, "train.max_steps=1", "optim.lr=choice(1e-3, 2e-3)", f"hydra.sweep.dir={grid}"],
+                   cwd=tmp_path)
+    assert same.returncode == 0, same.stderr[-3000:]
+    assert {r["status"] for r in json.loads((grid / "summary.json").read_text())} == {"done"}
+
+
+def test_optuna_refuses_a_study_without_objective_and_counts_trials_that_could_not_be_composed(tmp_path):
+    """A study whose trials would not evaluate (eval.after=false, no eval.every_steps) has no objective: one
+    sentence, exit 2, before any trial. A trial whose configuration cannot be composed (an unknown group option)
+    is a failed trial in the study, in the summary (its own job directory and reason) and in the exit code (it
+    used to vanish, exit 0). A study refused for its direction leaves the directory's multirun.yaml as it was."""
+    study = ["-m", "hydra/sweeper=optuna", *TINY, "optim.lr=choice(1e-3,2e-3)"]
+    out = run_cli([*study, "eval.after=false", f"hydra.sweep.dir={tmp_path / 'none'}"], cwd=tmp_path)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines()[-1] == (
+        "error: hydra/sweeper=optuna optimizes each trial's selection score, which needs an evaluation: "
+        "eval.after=true or eval.every_steps=N.")
+
+    sweep = tmp_path / "broken"
+    out = run_cli([*study, "hydra.sweeper.n_trials=2", "model=choice(nosuch)", f"hydra.sweep.dir={sweep}"],
+                  cwd=tmp_path)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    rows = json.loads((sweep / "summary.json").read_text())
+    assert [(r["job"], r["status"]) for r in rows] == [(0, "failed"), (1, "failed")]
+    assert all(r["reason"] == "its configuration could not be composed: In 'train': Could not find 'model/nosuch'"
+               for r in rows)
+    assert "error: 2 of 2 trials failed" in out.stderr and "optimization_results.yaml" not in out.stderr
+
+    typo = tmp_path / "typo"  # refused by the job itself, before it runs: its reason is the sentence, not a code
+    out = run_cli([*study, "hydra.sweeper.n_trials=1", "+train.lrr=1", f"hydra.sweep.dir={typo}"], cwd=tmp_path)
+    assert out.returncode == 1, out.stderr[-3000:]
+    (row,) = json.loads((typo / "summary.json").read_text())
+    assert row["reason"].startswith("+train.lrr: train has no key lrr"), row
+
+    record = (sweep / "multirun.yaml").read_bytes()
+    flipped = run_cli([*study, "hydra.sweeper.n_trials=2", "model=choice(nosuch)", "hydra.sweeper.direction=minimize",
+                       f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    assert flipped.returncode == 2 and "hydra.sweeper.direction=maximize" in flipped.stderr, flipped.stderr[-3000:]
+    assert (sweep / "multirun.yaml").read_bytes() == record
+
+    named = tmp_path / "named"  # optimization_results.yaml names the best trial's directory where it is
+    out = run_cli([*study, "hydra.sweeper.n_trials=1", "hydra.sweep.subdir=trial_${hydra.job.num}",
+                   f"hydra.sweep.dir={named}"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert yaml.safe_load((named / "optimization_results.yaml").read_text())["best_job_dir"] == str(named / "trial_0")
+
+
+def test_sigterm_stops_the_sweep_with_its_summary_and_report_and_the_command_continues_it(tmp_path):
+    """SIGTERM to a sweep run in one process: the running job saves a checkpoint and is stopped, the jobs after it
+    do not start, summary.json and report.html say so (the page used to keep the sweep as it was before), the
+    command exits 143 naming the command that continues, and that command finishes both jobs."""
+    from tests.test_preemption import logged, wait_for
+
+    sweep = tmp_path / "sweep"
+    args = ["-m", *TINY, "train.max_steps=8", "optim.lr=1e-3,2e-3", f"hydra.sweep.dir={sweep}"]
+    proc = start(args, tmp_path, threads=1)
+    wait_for(lambda: logged(sweep / "0", "step 2/8"), proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "Traceback" not in stderr, stderr[-3000:]
+    assert "stopped: the sweep stopped with this job; the jobs after it did not start." in stderr
+    assert [(r["job"], r["status"]) for r in json.loads((sweep / "summary.json").read_text())] == [(0, "stopped")]
+    page = (sweep / "report.html").read_text()
+    assert re.search(r'<tr data-job="0">.*?status-stopped', page, re.S), page[-2000:]
+    assert not (sweep / "1").exists()
+
+    again = run_cli(args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [status(sweep / str(n))["reason"].startswith("trained 8 steps") for n in (0, 1)] == [True, True]

@@ -133,7 +133,7 @@ def train_and_record(run: Callable[[DictConfig], dict[str, Any]], cfg: DictConfi
     try:
         metrics = exit_on_user_error(watched, cfg)
     except SystemExit as stop:
-        error = seen[0] if seen else None
+        error = seen[0] if seen else stop.__context__  # a refusal before the run (a +key nothing reads)
         status, reason, exit_code = _outcome(stop.code, error)
         seen.clear()
         if isinstance(error, SystemExit) and in_submitit_job():  # submitit requeued a preempted job and exits
@@ -194,10 +194,12 @@ def _stop_sweep(exit_code: int) -> None:
     continue, and exit with the job's code (the remaining jobs do not start)."""
     from hydra.core.hydra_config import HydraConfig
 
+    from phi3v_recipes.report import write_report
     from phi3v_recipes.sweep import rerun_command, write_summary
 
     sweep_dir = Path(HydraConfig.get().sweep.dir).resolve()
     write_summary(sweep_dir)
+    write_report(sweep_dir, on_error="warn")  # the page must not go on showing the sweep as it was before
     print(f"stopped: the sweep stopped with this job; the jobs after it did not start. Summary so far: "
           f"{sweep_dir / 'summary.txt'}. To continue (finished jobs are kept, this one resumes from its checkpoint):"
           f"\n  {rerun_command(sweep_dir)}", file=sys.stderr, flush=True)

@@ -13,6 +13,7 @@ recorded (Optuna was told it failed) and the study goes on past it; the command 
 script or scheduler never mistakes a study with failed trials for a clean one.
 """
 
+import dataclasses
 import json
 import shlex
 import sys
@@ -21,6 +22,7 @@ from typing import Any
 
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ChoiceSweep
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
@@ -113,34 +115,77 @@ def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def job_list(cfg: DictConfig) -> list[str]:
-    """What decides a sweep's jobs and their directories, as overrides: the sweeper, the swept overrides in
-    command-line order (the order numbers the jobs), the search space kept in the config
-    (hydra.sweeper.params) and hydra.sweep.subdir."""
+def given_overrides(cfg: DictConfig, kind: str = "task") -> list[str]:
+    """The command line's overrides of `kind` (task or hydra) as typed: a `${...}` in one stays as it is (a saved
+    multirun.yaml would resolve it when read)."""
+    return list(OmegaConf.to_container(cfg.hydra.overrides, resolve=False)[kind])
+
+
+def swept(cfg: DictConfig) -> list[tuple[str, str]]:
+    """The sweep's swept overrides, on the command line in its order, then in hydra.sweeper.params, as (override as
+    given, its canonical form: what Hydra parses, so `choice(1e-3, 2e-3)` and `choice(1e-3,2e-3)` are one)."""
+    params = OmegaConf.to_container(cfg.hydra.sweeper, resolve=False).get("params") or {}
+    found = []
+    for line in [*given_overrides(cfg), *(f"hydra.sweeper.params.{k}={v}" for k, v in params.items())]:
+        (override,) = OverridesParser.create().parse_overrides([line.removeprefix("hydra.sweeper.params.")])
+        if override.is_sweep_override():
+            value = override.value()
+            if isinstance(value, ChoiceSweep):  # a,b is choice(a,b)
+                value = dataclasses.replace(value, simple_form=False)
+            found.append((line, f"{override.get_key_element()}={value!r}"))
+    return found
+
+
+def job_list(cfg: DictConfig) -> list[tuple[str, str]]:
+    """What decides a sweep's jobs and their directories, as (override as given, canonical form): the sweeper (and
+    a study's direction), the swept overrides (their order numbers the jobs) and hydra.sweep.subdir."""
     hydra = cfg.hydra
-    swept = [o.input_line for o in OverridesParser.create().parse_overrides(list(hydra.overrides.task))
-             if o.is_sweep_override()]
-    params = OmegaConf.to_container(hydra.sweeper, resolve=False).get("params") or {}
-    subdir = OmegaConf.to_container(hydra.sweep, resolve=False).get("subdir")
-    return [f"hydra/sweeper={hydra.runtime.choices.get('hydra/sweeper')}", *swept,
-            *(f"hydra.sweeper.params.{key}={value}" for key, value in params.items()),
-            f"hydra.sweep.subdir={subdir}"]
+    sweeper = OmegaConf.to_container(hydra.sweeper, resolve=False)
+    fixed = [f"hydra/sweeper={hydra.runtime.choices.get('hydra/sweeper')}",
+             *([f"hydra.sweeper.direction={sweeper['direction']}"] if "direction" in sweeper else [])]
+    subdir = f"hydra.sweep.subdir={OmegaConf.to_container(hydra.sweep, resolve=False).get('subdir')}"
+    return [(line, line) for line in fixed] + swept(cfg) + [(subdir, subdir)]
+
+
+def shared_overrides(cfg: DictConfig) -> list[str]:
+    """The command-line overrides every job of the sweep gets as they are (those not swept), sorted."""
+    lines = {line for line, _ in swept(cfg)}
+    return sorted(o for o in given_overrides(cfg) if o not in lines)
+
+
+def check_subdir(cfg: DictConfig, continuing: bool) -> None:
+    """ConfigError for a hydra.sweep.subdir that cannot hold one job per directory, or (`continuing` a sweep in its
+    directory) that would not give each job the directory it had: a constant one (every job in one directory),
+    one with the launch time in it (`${now:...}`: new directories at every launch), or one named by the overrides
+    (`${hydra.job.override_dirname}`) when the overrides every job shares changed (checked by the caller)."""
+    subdir = str(OmegaConf.to_container(cfg.hydra.sweep, resolve=False).get("subdir"))
+    if swept(cfg) and "${" not in subdir:
+        raise ConfigError(f"hydra.sweep.subdir={subdir} puts every job of this sweep in one directory; name it by "
+                          "the job, e.g. hydra.sweep.subdir=${hydra.job.num} (the default).")
+    if continuing and "${now:" in subdir:
+        raise ConfigError(f"hydra.sweep.subdir={subdir} holds the launch time, so this launch would give every "
+                          "job a new directory instead of continuing the sweep already in hydra.sweep.dir; give "
+                          "this launch another hydra.sweep.dir (a sweep named by time cannot be continued).")
 
 
 def check_same_sweep(sweep_dir: Path, now: DictConfig) -> None:
     """A sweep directory holds one sweep, as a run directory holds one run. Before a sweep starts in a directory
-    where an earlier one ran (its multirun.yaml), ConfigError when the two differ in their jobs (`job_list`: the
-    job directories would pass to other jobs, and the summary or the study would mix them), or, once a job has
-    trained something, in a setting a resumed run must keep (`rundir.SAME_RUN`, compared as written, before
-    interpolation). The same command, or one that changes only what a resume may change (say, train.epochs for
-    every job), continues it."""
+    where an earlier one made jobs (its multirun.yaml and job directories), ConfigError when the two differ in
+    their jobs (`job_list`: the job directories would pass to other jobs, and the summary or the study would mix
+    them), or, once a job has trained something, in a setting a resumed run must keep (`rundir.SAME_RUN`,
+    compared as written, before interpolation). The same command, or one that changes only what a resume may
+    change (say, train.epochs for every job), continues it. A directory whose earlier sweep made no job (refused
+    at start-up, a typo in a group option) is free for any sweep."""
     path = sweep_dir / SWEEP_RECORD
-    if not path.is_file():
+    made = jobs(sweep_dir)
+    check_subdir(now, continuing=path.is_file() and bool(made))
+    if not path.is_file() or not made:
         return
     saved = load_record(path)
     before, after = job_list(saved), job_list(now)
-    if before != after:
-        gone, new = [x for x in before if x not in after], [x for x in after if x not in before]
+    if [canon for _, canon in before] != [canon for _, canon in after]:
+        gone = [line for line, canon in before if canon not in {c for _, c in after}]
+        new = [line for line, canon in after if canon not in {c for _, c in before}]
         diff = (f"it swept {' '.join(gone) or 'nothing else'}; this one sweeps {' '.join(new) or 'nothing'}"
                 if gone or new else "the same values in another order, which numbers the jobs differently")
         mixed = ("its study would mix two searches" if str(now.hydra.sweeper.get("_target_")) == STUDY_SWEEPER else
@@ -148,7 +193,18 @@ def check_same_sweep(sweep_dir: Path, now: DictConfig) -> None:
         raise ConfigError(f"hydra.sweep.dir={sweep_dir} holds another sweep ({diff}); {mixed}. Give this sweep "
                           "another hydra.sweep.dir, or continue that one with its own command: "
                           f"{sweep_command(saved, sweep_dir)}")
-    if not any(holds_run(job) for _, job in jobs(sweep_dir)):
+    if "override_dirname" in str(OmegaConf.to_container(now.hydra.sweep, resolve=False).get("subdir")):
+        shared_before, shared_now = shared_overrides(saved), shared_overrides(now)
+        if shared_before != shared_now:
+            gone = " ".join(o for o in shared_before if o not in shared_now)
+            added = " ".join(o for o in shared_now if o not in shared_before)
+            change = " and ".join([*([f"drops {gone}"] if gone else []), *([f"adds {added}"] if added else [])])
+            raise ConfigError(f"hydra.sweep.subdir names each job's directory by its overrides, and this launch "
+                              f"{change}, so every job would start again in a new directory; continue the sweep "
+                              "with its "
+                              f"own command ({sweep_command(saved, sweep_dir)}), or give this one another "
+                              "hydra.sweep.dir.")
+    if not any(holds_run(job) for _, job in made):
         return  # nothing trained yet (every job failed at start-up, say): any settings may be tried again
     forbidden, _ = setting_changes(saved, now, resolve=False)
     if forbidden:
@@ -160,7 +216,7 @@ def check_same_sweep(sweep_dir: Path, now: DictConfig) -> None:
 
 def sweep_command(cfg: DictConfig, sweep_dir: Path) -> str:
     """The command line of the sweep `cfg` describes (its multirun.yaml), pinned to `sweep_dir`."""
-    given = [*cfg.hydra.overrides.hydra, *cfg.hydra.overrides.task]
+    given = [*given_overrides(cfg, "hydra"), *given_overrides(cfg)]
     args = [a for a in given if not a.lstrip("+").startswith(("hydra.sweep.dir=", "hydra.mode="))]
     return shlex.join(["python", "-m", "phi3v_recipes", "-m", *args, f"hydra.sweep.dir={sweep_dir}"])
 
@@ -181,6 +237,8 @@ class SweepSummary(Callback):
         check that it holds no other sweep (`check_same_sweep`); either mistake: one sentence, exit 2."""
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
         try:
+            if not sweep_dir.is_dir():
+                check_subdir(config, continuing=False)  # before the directory is made: a refusal leaves nothing
             sweep_dir.mkdir(parents=True, exist_ok=True)
             self.lock = RunLock(sweep_dir, setting="hydra.sweep.dir")
             self.lock.acquire()
@@ -211,10 +269,12 @@ class SweepSummary(Callback):
         if study and all(r["status"] == "failed" for r in unfinished):
             # Failed trials are results of the search (told to Optuna as FAIL); the study went on past them, but the
             # command still says, by its exit code, that not every job it ran finished.
+            results = sweep_dir / "optimization_results.yaml"
+            best = f"the best finished trial in {results}" if results.is_file() else "no trial finished"
             print(f"error: {len(unfinished)} of {len(rows)} trials failed (jobs "
                   f"{', '.join(str(r['job']) for r in unfinished)}); the study recorded them as failed trials and "
-                  f"went on; reasons in {sweep_dir / 'summary.txt'}, the best finished trial in "
-                  f"{sweep_dir / 'optimization_results.yaml'}. To continue the study in the same directory "
+                  f"went on; reasons in {sweep_dir / 'summary.txt'}, {best}. To continue the study in the same "
+                  "directory "
                   f"(recorded trials are kept):\n  {rerun_command(sweep_dir)}", file=sys.stderr, flush=True)
             sys.exit(1)
         again = ("To continue the study in the same directory (stopped trials resume, recorded ones are kept)" if study

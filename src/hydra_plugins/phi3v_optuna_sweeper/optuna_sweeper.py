@@ -154,16 +154,22 @@ class OptunaSweeper(Sweeper):
         if not space:
             _fail("hydra/sweeper=optuna has nothing to search: give at least one setting a search space, e.g. "
                   "'optim.lr=tag(log, interval(1e-4, 1e-2))'.")
+        searched = {key.lstrip("+~") for key in space}
+        evaluation = self.config.get("eval") or {}
+        if not (evaluation.get("after") or evaluation.get("every_steps")) and not searched & {"eval.after",
+                                                                                              "eval.every_steps"}:
+            _fail("hydra/sweeper=optuna optimizes each trial's selection score, which needs an evaluation: "
+                  "eval.after=true or eval.every_steps=N.")
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).resolve()
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         study = optuna.create_study(storage=f"sqlite:///{sweep_dir / STORAGE_FILE}", study_name=STUDY_NAME,
                                     direction=self.direction, load_if_exists=True)
         if study.direction.name.lower() != self.direction:
             _fail(f"the study in {sweep_dir / STORAGE_FILE} was made to {study.direction.name.lower()}, not "
                   f"{self.direction} (hydra.sweeper.direction): keep its direction or choose another "
                   "hydra.sweep.dir.")
-        study.sampler = self._sampler(len(study.trials))
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")  # once the study is this one's: a refused launch
+        study.sampler = self._sampler(len(study.trials))          # leaves the directory's record alone
         log.info("Optuna study %s in %s: %d of %d trials recorded; search space: %s", STUDY_NAME,
                  sweep_dir / STORAGE_FILE, len(study.trials), self.n_trials, ", ".join(space))
 
@@ -205,6 +211,7 @@ class OptunaSweeper(Sweeper):
             except Exception as err:  # noqa: BLE001 - Hydra raises several kinds
                 log.warning("trial %d failed before launch: %s", number, err)
                 study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+                self._record_unlaunched(number, overrides, err)
                 continue
             launchable.append((number, overrides))
         finished = True
@@ -214,6 +221,19 @@ class OptunaSweeper(Sweeper):
             for number, ret in zip(group, returns, strict=True):
                 finished &= self._tell(study, number, ret)
         return finished
+
+    def _record_unlaunched(self, number: int, overrides: list[str], err: Exception) -> None:
+        """A trial whose configuration could not be composed has no job directory of Hydra's: make one, as a job
+        that failed at start-up leaves it (its overrides and status.json), so that the summary lists the trial and
+        the command's exit code counts it."""
+        from phi3v_recipes.errors import reason
+        from phi3v_recipes.status import write_status
+
+        assert self.config is not None
+        job_dir = Path(str(self.config.hydra.sweep.dir)).resolve() / str(number)
+        (job_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.create(overrides), job_dir / ".hydra" / "overrides.yaml")
+        write_status(job_dir, "failed", f"its configuration could not be composed: {reason(err)}", 2)
 
     def _tell(self, study: Any, number: int, ret: JobReturn) -> bool:
         from optuna.trial import TrialState
@@ -247,9 +267,12 @@ class OptunaSweeper(Sweeper):
         if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             log.warning("no trial of the study finished; %s is not written", sweep_dir / RESULTS_FILE)
             return
+        from phi3v_recipes.sweep import jobs
+
         best = study.best_trial
+        best_dir = next((d for n, d in jobs(sweep_dir) if n == best.number), sweep_dir / str(best.number))
         results = {"name": "optuna", "best_params": dict(best.params), "best_value": best.value,
-                   "best_trial": best.number, "best_job_dir": str(sweep_dir / str(best.number)),
+                   "best_trial": best.number, "best_job_dir": str(best_dir),
                    "trials": {state.name.lower(): len(study.get_trials(deepcopy=False, states=(state,)))
                               for state in (TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING)}}
         OmegaConf.save(OmegaConf.create(results), sweep_dir / RESULTS_FILE)

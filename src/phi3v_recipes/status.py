@@ -96,7 +96,7 @@ def _outcome(code: Any, error: BaseException | None) -> tuple[str, str, int]:
     exit_code = code if isinstance(code, int) else (0 if code is None else 1)
     reason = str(error).strip() if error is not None and not isinstance(error, SystemExit) else ""
     if isinstance(error, KeyboardInterrupt) and not reason:
-        reason = "interrupted (Ctrl-C) before training started"
+        reason = "interrupted (Ctrl-C) outside training: before it started or after it ended (say, in the final evaluation)"
     if exit_code == 0:  # the run had already finished (metrics.json): relaunching it trains nothing
         return "done", "finished by an earlier launch; this launch trained nothing", 0
     if exit_code > 128 or exit_code < 0:  # 128 + a stop signal; submitit's requeue exits with -1

@@ -222,3 +222,36 @@ def test_a_stop_signal_that_interrupts_a_log_write_is_logged_whole(tmp_path):
     assert lines.count("[phi3v_recipes.preemption][WARNING] - received SIGTERM: finishing the current optimizer "
                        "step, then saving a checkpoint and stopping") == 1
     assert len(lines) == 101
+
+
+def test_a_resume_at_the_last_step_trains_nothing_and_an_extension_follows_its_new_schedule(tmp_path):
+    """A run of 2 steps (3 per epoch, so its last checkpoint is in the middle of an epoch) stopped after that
+    checkpoint, as a stop signal during the final evaluation leaves it (checkpoint-2, no metrics.json): the same
+    command trains nothing and finishes the run at 2 steps. Hugging Face's loop checks max_steps only after a step,
+    and the relaunch used to train step 3/2 and record it.
+
+    The finished run extended to 4 steps takes its first new step at the rate the 4-step linear schedule gives
+    step 3 (half the peak), not at the 2-step schedule's end (0, which trained nothing: checkpoint-3's weights
+    were checkpoint-2's), and step 4 at a quarter."""
+    run_dir = tmp_path / "run"
+    base = ["task.train_size=48", "task.eval_size=8", "train.logging_steps=1", "optim.warmup_steps=0",
+            "eval.before=false", "eval.after=false", "train.save_steps=1", "train.save_total_limit=10"]
+    cmd = [*base, "train.max_steps=2", f"run.output_dir={run_dir}"]
+    assert run(cmd, tmp_path).returncode == 0
+
+    stopped = tmp_path / "stopped"
+    shutil.copytree(run_dir, stopped)
+    (stopped / "metrics.json").unlink()
+    again = run([*cmd[:-1], f"run.output_dir={stopped}"], tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    log = (stopped / "train.log").read_text()
+    assert "resumed at step 2 of 2: nothing more to train" in log and "step 3/2" not in log
+    assert read_metrics(stopped)["global_steps"] == 2 and len(read_metrics(stopped)["steps"]) == 2
+    assert not (stopped / "checkpoint-3").exists()
+
+    longer = run([*base, "train.max_steps=4", f"run.output_dir={run_dir}"], tmp_path)
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    rates = [row["learning_rate"] for row in read_metrics(run_dir)["steps"]]
+    assert rates == pytest.approx([0.003, 0.0015, 0.0015, 0.00075], rel=1e-6)
+    assert (run_dir / "checkpoint-3" / "model.safetensors").read_bytes() != \
+        (run_dir / "checkpoint-2" / "model.safetensors").read_bytes()

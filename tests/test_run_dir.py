@@ -156,3 +156,24 @@ def test_resuming_in_place_from_a_checkpoint_that_is_not_the_newest_is_refused(t
         f"out of the run directory first; or continue from it in a new run: train.resume={resume} "
         "run.output_dir=<another directory>."]
     assert untouched(run_dir) == before
+
+
+def test_a_launch_shorter_than_the_run_it_continues_is_refused(three_steps, tmp_path):
+    """A launch never trains past its length nor undoes steps: relaunching a run whose checkpoint holds 3 steps with
+    train.max_steps=2, or with train.epochs=0.5 (2 steps of its 3 per epoch), is refused with one sentence (exit 2)
+    naming the checkpoint's steps, the length asked and what to do, and nothing in the run directory changes. Any
+    change of the length used to count as an extension: a finished run went on (mid-epoch, one step past the length
+    asked) and exited 0."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(three_steps, run_dir)
+    before = untouched(run_dir)
+    base = [*NINE_STEPS, "train.save_steps=3", f"run.output_dir={run_dir}"]
+    for length, asked in (("train.max_steps=2", "the 2 that train.max_steps=2 asks for"),
+                          ("train.epochs=0.5", "the 2 that train.epochs=0.5 asks for (3 per epoch)")):
+        out = run_cli([*base, length], cwd=tmp_path)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+        assert [line for line in out.stderr.splitlines() if line.startswith("error: ")] == [
+            f"error: {run_dir / 'checkpoint-3'} has already trained 3 steps, more than {asked}, and a launch never "
+            "trains past its length nor undoes steps: relaunch with its run's own length (train.max_steps=3, as its "
+            "config.yaml says) or longer, or start a new run in another run.output_dir."]
+        assert untouched(run_dir) == before  # status.json ("done") and metrics.json included

@@ -20,6 +20,7 @@ import atexit
 import fcntl
 import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -168,7 +169,8 @@ def resume_point(resume: Any, run_dir: Path, extends: bool = False) -> str | Non
     """The checkpoint to continue from, or None to start fresh (see the module docstring).
 
     A finished run under `auto`/`true` raises RunStopped with exit code 0 (relaunching it trains nothing), unless
-    this launch `extends` it (more epochs or steps); a request that cannot be met raises ConfigError.
+    this launch `extends` it (more optimizer steps than its newest checkpoint holds: check_length); a request that
+    cannot be met raises ConfigError.
     """
     found = checkpoints(run_dir)
     finished = (run_dir / METRICS).is_file() and not (extends and found)
@@ -278,11 +280,51 @@ def check_foreign_checkpoint(checkpoint: Path, cfg: DictConfig) -> list[str]:
     return check_same_run(saved, cfg, trained_by=f"train.resume={checkpoint}")
 
 
-def extends(saved: DictConfig | None, now: DictConfig) -> bool:
-    """True when `now` asks for a longer run than the one recorded (train.epochs or train.max_steps changed)."""
-    if saved is None:
-        return False
-    return any(OmegaConf.select(saved, key) != OmegaConf.select(now, key) for key in ("train.epochs", "train.max_steps"))
+def trained_length(checkpoint: Path) -> tuple[int, int | None]:
+    """The optimizer steps `checkpoint` holds, and the steps of one epoch of its run: recorded in its
+    recipe_state.json, else (a checkpoint of an older version) read from its trainer state's step and epoch."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    step, epoch = int(state.get("global_step", 0)), float(state.get("epoch") or 0)
+    try:
+        per_epoch = json.loads((checkpoint / "recipe_state.json").read_text()).get("steps_per_epoch")
+    except (OSError, ValueError):
+        per_epoch = None
+    if per_epoch is None and step > 0 and epoch > 0:
+        per_epoch = max(1, round(step / epoch))
+    return step, per_epoch
+
+
+def _length(cfg: DictConfig) -> str:
+    """How a configuration sets its length: `train.max_steps=N` when positive (it wins), else `train.epochs=E`."""
+    steps = OmegaConf.select(cfg, "train.max_steps")
+    return f"train.max_steps={steps}" if steps is not None and steps > 0 else f"train.epochs={cfg.train.epochs}"
+
+
+def check_length(checkpoint: Path, cfg: DictConfig, saved: DictConfig | None = None) -> bool:
+    """Whether `cfg` asks for more optimizer steps than `checkpoint` trained (a finished run is then extended).
+
+    A launch never trains past its length, so one that asks for fewer steps than the checkpoint holds (a shorter
+    train.max_steps or train.epochs than the run was given) raises ConfigError naming both, before anything in the
+    run directory changes. The same number of steps is no extension: a finished run stays finished, an
+    interrupted one finishes from there without training (trainer.RecipeTrainer.on_train_begin)."""
+    trained, per_epoch = trained_length(checkpoint)
+    if cfg.train.max_steps > 0:
+        asked, how = cfg.train.max_steps, ""
+    elif per_epoch is not None:
+        asked = math.ceil(cfg.train.epochs * per_epoch)  # as transformers computes it
+        how = f" ({per_epoch} per epoch)"
+    else:
+        return True  # unknown: the trainer still stops at the checkpoint's step (RecipeTrainer.on_train_begin)
+    if asked >= trained:
+        return asked > trained
+    own = f"its run's own length ({_length(saved)}, as its {RECORD} says) or longer" if saved is not None else \
+        f"a length of at least {trained} steps"
+    ends_here = f"train.max_steps={trained}"
+    where = f" ({ends_here} finishes the run where it is)" if saved is None or _length(saved) != ends_here else ""
+    raise ConfigError(
+        f"{checkpoint} has already trained {trained} steps, more than the {asked} that {_length(cfg)} asks for{how}, "
+        f"and a launch never trains past its length nor undoes steps: relaunch with {own}{where}, or start a new "
+        "run in another run.output_dir.")
 
 
 def record(cfg: DictConfig, run_dir: Path) -> None:
@@ -435,12 +477,19 @@ def _open_run_dir(cfg: DictConfig, run_dir: Path) -> tuple[RunLock, str | None]:
     changes: list[str] = []
     if saved is not None and cfg.train.resume is not False and (checkpoints(run_dir) or (run_dir / METRICS).exists()):
         changes = check_same_run(saved, cfg)  # before anything else: a changed run must not even look finished
-    resume = resume_point(cfg.train.resume, run_dir, extends(saved, cfg))
+    found = checkpoints(run_dir)
+    # A launch shorter than the checkpoint it would continue from is refused before anything changes; one of the
+    # same length does not extend a finished run (check_length).
+    longer = cfg.train.resume in ("auto", True) and bool(found) and check_length(found[-1], cfg, saved)
+    resume = resume_point(cfg.train.resume, run_dir, longer)
     if resume is not None and Path(resume).resolve().parent != run_dir.resolve():
         changes = check_foreign_checkpoint(Path(resume), cfg)
     elif resume is not None and (Path(resume) / RECORD).is_file():  # the checkpoint's own record: a config.yaml
         changes = check_same_run(load_record(Path(resume) / RECORD), cfg,  # edited by hand cannot hide a change
                                  trained_by=f"{Path(resume).name} (its {RECORD})")
+    if resume is not None and cfg.train.resume not in ("auto", True):  # train.resume=<path>: that checkpoint's run
+        here = Path(resume).resolve().parent == run_dir.resolve()
+        check_length(Path(resume), cfg, saved if here else run_config(resume))
     if resume is not None and changes:
         log.info("resuming with changed settings: %s", "; ".join(changes))
     if resume is None or saved is None:

@@ -41,7 +41,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import rotate_checkpoints, seed_worker
+from transformers.trainer_utils import has_length, rotate_checkpoints, seed_worker
 
 from phi3v_recipes.cluster import resume_command
 from phi3v_recipes.errors import ConfigError, RunStopped, SampleError, reason
@@ -54,8 +54,8 @@ log = logging.getLogger("phi3v_recipes")
 
 RECIPE_STATE = "recipe_state.json"
 """Saved in every checkpoint: the exact loss, learning rate and gradient norm of every optimizer step so far, the
-evaluations during training, the launches (start step, start time, training and wall seconds) and the world
-size."""
+evaluations during training, the launches (start step, start time, training and wall seconds), the world size
+and the optimizer steps of one epoch (`steps_per_epoch`: how rundir.check_length measures train.epochs)."""
 
 Evaluator = Callable[[torch.nn.Module, int], float]
 """Scores a model on the held-out set at a step (every rank calls it; every rank gets the score)."""
@@ -85,7 +85,9 @@ class RecipeTrainer(Trainer):
         self._launch_started = time.time() if launch_started is None else launch_started
         self._train_started = self._launch_started
         self._eval_seconds = 0.0
-        self._finished = False  # resumed from a checkpoint after which nothing is left to train (eval.patience)
+        self._finished = False  # resumed from a checkpoint after which nothing is left to train (eval.patience, or
+        #                         the checkpoint is at the run's last step)
+        self._steps_per_epoch: int | None = None  # optimizer steps in one epoch (recipe_state.json)
         self._resumed_from: Path | None = None  # the checkpoint this launch resumed from
         self.add_callback(_TrainBegin(self))
 
@@ -197,6 +199,38 @@ class RecipeTrainer(Trainer):
             self.control.should_training_stop = True
             log.info("training stopped early at step %d (eval.patience=%s): nothing more to train", step,
                      self.evaluations.patience)
+        elif step >= self.state.max_steps:
+            # Hugging Face's loop asks "is max_steps reached?" only after an optimizer step (DefaultFlowCallback's
+            # on_step_end), and skips the loop only when the checkpoint ends an epoch: a checkpoint saved at the
+            # last step in the middle of an epoch (a stop signal during the last step or the final evaluation)
+            # would train one step more. Nothing is left: the run finishes from these weights. (A launch that asks
+            # for fewer steps than the checkpoint trained is refused before: rundir.check_length.)
+            self._finished = True
+            self.control.should_training_stop = True
+            log.info("resumed at step %d of %d: nothing more to train", step, self.state.max_steps)
+
+    def set_initial_training_values(self, args: Any, dataloader: DataLoader) -> tuple:
+        values = super().set_initial_training_values(args, dataloader)
+        if has_length(dataloader):  # what an epoch is, in optimizer steps: rundir.check_length reads it
+            self._steps_per_epoch = values[1]
+        return values
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """The stock restore, then the learning rate of the next step from the schedule of this launch's length.
+
+        The restored optimizer's param groups carry the rate the checkpoint's schedule set for its next step, and
+        the scheduler applies its own (rebuilt over `max_steps`, with the restored step count) only at its next
+        `step()`, after the optimizer's: a run extended past its end (a linear schedule at 0) would take its first
+        new step at the old schedule's rate. A resume of the same length gets the same number as before."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        scheduler = self.lr_scheduler
+        if checkpoint is None or not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            return  # ReduceLROnPlateau and the like have no schedule over the run's length to follow
+        rates = [base * rate(scheduler.last_epoch) for base, rate in zip(scheduler.base_lrs, scheduler.lr_lambdas,
+                                                                            strict=True)]
+        for group, rate in zip(scheduler.optimizer.param_groups, rates, strict=True):
+            group["lr"] = rate
+        scheduler._last_lr = rates  # what get_last_lr() (the logged learning_rate) says for that step
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         # transformers reads the checkpoint's config.json with its base config class, only to compare the version
@@ -379,7 +413,7 @@ class RecipeTrainer(Trainer):
             if main:
                 state = {"step_losses": self.step_losses, "learning_rates": self.learning_rates,
                          "grad_norms": self.grad_norms, "evals": self.evaluations.evals, "launches": self.launches,
-                         "world_size": self.args.world_size}
+                         "world_size": self.args.world_size, "steps_per_epoch": self._steps_per_epoch}
                 (staged / RECIPE_STATE).write_text(json.dumps(state) + "\n")
                 record(self.recipe, staged)  # what trained these weights, beside them (checked at a resume)
                 _fsync_tree(staged)

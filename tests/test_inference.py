@@ -1,13 +1,16 @@
 """Evaluation alone and batch prediction through their entrypoints, on a demo run trained by the test."""
 
 import json
+import os
 import random
+import shutil
 
 import pytest
 
 from phi3v_recipes.data.demo import draw
 from tests.conftest import read_metrics, run_cli, run_parallel
 from tests.test_jsonl_task import write_tree
+from tests.test_refusals import error_line
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +95,7 @@ def test_predict_answers_every_conversation_and_resumes(trained, tmp_path):
 
     lines = (tmp_path / "full.jsonl").read_text().splitlines(keepends=True)
     (tmp_path / "partial.jsonl").write_text("".join(lines[:3]) + lines[3][:5])  # 3 done, one torn
+    shutil.copy(tmp_path / "full.jsonl.record.json", tmp_path / "partial.jsonl.record.json")  # written before them
     resumed = run_cli([*args, f"output={tmp_path / 'partial.jsonl'}"], cwd=tmp_path, module="phi3v_recipes.predict")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "answered 4 conversations (3 were already done)" in resumed.stdout
@@ -114,6 +118,7 @@ def test_predict_with_a_repeated_id_never_loses_an_answer(trained, tmp_path):
 
     first = (tmp_path / "full.jsonl").read_text().splitlines(keepends=True)[0]
     (tmp_path / "partial.jsonl").write_text(first)
+    shutil.copy(tmp_path / "full.jsonl.record.json", tmp_path / "partial.jsonl.record.json")  # written before it
     resumed = run_cli([*args, f"output={tmp_path / 'partial.jsonl'}"], cwd=tmp_path, module="phi3v_recipes.predict")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "answered 3 conversations (1 were already done)" in resumed.stdout
@@ -126,3 +131,72 @@ def test_predict_reports_bad_input_lines(trained, tmp_path):
                    f"output={tmp_path / 'o.jsonl'}"], cwd=tmp_path, module="phi3v_recipes.predict")
     assert out.returncode == 2 and f"{tmp_path / 'bad.jsonl'}:2: not valid JSON" in out.stderr
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_predict_continues_an_output_only_from_the_same_input_model_and_settings(trained, tmp_path):
+    """An existing output used to be continued by line number alone: another model (a copy of the run elsewhere,
+    or the same run retrained in place), another input with other ids, or another max_new_tokens answered "all
+    conversations are already answered" (exit 0), passing the first answers off as theirs. Each is now one sentence
+    naming what differs (exit 2), with the output and its record unchanged; so is an output whose record is gone
+    and one whose answered ids are not the input's at the same lines. The same command still continues it."""
+    write_inputs(tmp_path, 3)
+    (tmp_path / "in2.jsonl").write_text((tmp_path / "in.jsonl").read_text().replace('"id": "q', '"id": "r'))
+    other = tmp_path / "run_b"
+    shutil.copytree(trained, other)
+    output, record = tmp_path / "out.jsonl", tmp_path / "out.jsonl.record.json"
+    args = ["phi3v_recipes.predict", "hardware=cpu", f"output={output}"]
+    same = [*args, f"model.name_or_path={trained}", f"input={tmp_path / 'in.jsonl'}"]
+    first = run_cli(same[1:], cwd=tmp_path, module="phi3v_recipes.predict")
+    assert first.returncode == 0, first.stderr[-3000:]
+    answers, saved = output.read_text(), record.read_text()
+    assert json.loads(saved)["model.name_or_path"] == str(trained)
+
+    # the ids at the same input lines are the record's: the input edited in place to ask other questions
+    (tmp_path / "edited").mkdir()
+    shutil.copy(output, tmp_path / "edited" / "out.jsonl")
+    edited_record = json.loads(saved) | {"input": str(tmp_path / "edited" / "in.jsonl"),
+                                         "image_root": str(tmp_path / "edited")}
+    (tmp_path / "edited" / "out.jsonl.record.json").write_text(json.dumps(edited_record))
+    (tmp_path / "edited" / "in.jsonl").write_text((tmp_path / "in2.jsonl").read_text())
+    for c in ("red", "blue", "green"):
+        shutil.copy(tmp_path / f"{c}.png", tmp_path / "edited")
+    (tmp_path / "orphan.jsonl").write_text(answers)  # answers without their record
+    results = run_parallel({
+        "model": [*args, f"model.name_or_path={other}", f"input={tmp_path / 'in.jsonl'}"],
+        "input": [*args, f"model.name_or_path={trained}", f"input={tmp_path / 'in2.jsonl'}"],
+        "tokens": [*same, "eval.max_new_tokens=8"],
+        "edited": ["phi3v_recipes.predict", "hardware=cpu", f"model.name_or_path={trained}",
+                   f"input={tmp_path / 'edited' / 'in.jsonl'}", f"output={tmp_path / 'edited' / 'out.jsonl'}"],
+        "orphan": ["phi3v_recipes.predict", "hardware=cpu", f"model.name_or_path={trained}",
+                   f"input={tmp_path / 'in.jsonl'}", f"output={tmp_path / 'orphan.jsonl'}"],
+    }, cwd=tmp_path)
+    then = f"; nothing in it was changed: give another output, or remove {output} and {record.name} to answer from the start."
+    differs = f"error: output={output} holds answers from another input, model or settings than this command's ("
+    assert error_line(results["model"]) == f"{differs}model.name_or_path: {trained} -> {other}){then}"
+    assert error_line(results["input"]) == f"{differs}input: {tmp_path / 'in.jsonl'} -> {tmp_path / 'in2.jsonl'}){then}"
+    assert error_line(results["tokens"]) == f"{differs}eval.max_new_tokens: 32 -> 8){then}"
+    edited = tmp_path / "edited" / "out.jsonl"
+    assert error_line(results["edited"]) == (
+        f"error: output={edited} answers another input: its answer for line 1 has id q0, but line 1 of "
+        f"{tmp_path / 'edited' / 'in.jsonl'} is id r0; nothing in it was changed: give another output, or remove "
+        f"{edited} and out.jsonl.record.json to answer from the start.")
+    assert error_line(results["orphan"]).startswith(
+        f"error: output={tmp_path / 'orphan.jsonl'} holds 3 answers but no record of the model and settings")
+    assert output.read_text() == answers and record.read_text() == saved
+    assert not (tmp_path / "orphan.jsonl.record.json").exists()
+
+    # the same run retrained in place (its weights written again): another model at the same path
+    weights = (other / "model.safetensors").stat()  # copytree kept the mtimes: the record's weights until now
+    os.utime(other / "model.safetensors", ns=(weights.st_atime_ns, weights.st_mtime_ns + 10**9))
+    shutil.copy(output, tmp_path / "b.jsonl")
+    (tmp_path / "b.jsonl.record.json").write_text(json.dumps(json.loads(saved) | {"model.name_or_path": str(other)}))
+    again = run_parallel({
+        "retrained": [*args[:2], f"output={tmp_path / 'b.jsonl'}", f"model.name_or_path={other}",
+                      f"input={tmp_path / 'in.jsonl'}"],
+        "same": same,
+    }, cwd=tmp_path)
+    assert error_line(again["retrained"]).startswith(
+        f"error: output={tmp_path / 'b.jsonl'} holds answers from another input, model or settings than this "
+        f"command's (the weight files of model.name_or_path={other} changed since (retrained or written again in "
+        "place))")
+    assert again["same"].returncode == 0 and "already answered" in again["same"].stdout

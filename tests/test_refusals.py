@@ -158,3 +158,44 @@ def test_a_model_path_that_does_not_exist_is_one_sentence_in_every_entrypoint(tm
         assert error_line(results[name]) == f"error: model.name_or_path={missing} {wanted}.", name
     assert error_line(results["relative"]) == f"error: model.name_or_path=./nonexistent {wanted}."
     assert not (tmp_path / "answers.jsonl").exists() and not (tmp_path / "run" / "tiny_base").exists()
+
+
+def test_a_directory_without_a_model_is_one_sentence_in_export_evaluate_and_predict(tmp_path):
+    """A run directory that never produced a final model (stopped, failed or diverged) and any directory without a
+    model: export ended in a transformers traceback ("Unrecognized model ... model_type"), evaluate and predict
+    said "cannot load the processor ... give a run directory ... or model=tiny" of what is a run directory, where
+    model=tiny is refused. Each is now one sentence (exit 2): a run names its newest complete checkpoint to use
+    instead, or says it holds none; another directory names what it lacks."""
+    stopped, diverged, empty = tmp_path / "stopped", tmp_path / "diverged", tmp_path / "empty"
+    for step in (2, 4):
+        (stopped / f"checkpoint-{step}").mkdir(parents=True)
+        (stopped / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    (stopped / "config.yaml").write_text("task: {name: demo}\n")
+    diverged.mkdir()
+    (diverged / "config.yaml").write_text("task: {name: demo}\n")
+    (diverged / "status.json").write_text('{"status": "failed"}\n')
+    empty.mkdir()
+    (tmp_path / "ask.jsonl").write_text(json.dumps({"id": "q", "conversations": [{"user": "Hi"}]}) + "\n")
+    commands = {"export": lambda model, name: ["phi3v_recipes.export", f"model.name_or_path={model}",
+                                               f"output={tmp_path / ('x_' + name)}"],
+                "evaluate": lambda model, name: ["phi3v_recipes.evaluate", "hardware=cpu",
+                                                 f"model.name_or_path={model}", f"run.output_dir={tmp_path / name}"],
+                "predict with": lambda model, name: ["phi3v_recipes.predict", "hardware=cpu",
+                                                     f"model.name_or_path={model}", f"input={tmp_path / 'ask.jsonl'}",
+                                                     f"output={tmp_path / (name + '.jsonl')}"]}
+    runs = {f"{use}-{model.name}": command(model, f"{use.split()[0]}_{model.name}")
+            for use, command in commands.items() for model in (stopped, diverged, empty)}
+    results = run_parallel(runs, cwd=tmp_path)
+    unfinished = "is a run that did not finish: it holds no final model (no config.json or adapter_config.json); "
+    for use in commands:
+        assert error_line(results[f"{use}-stopped"]) == (
+            f"error: model.name_or_path={stopped} {unfinished}{use} its newest checkpoint "
+            f"(model.name_or_path={stopped / 'checkpoint-4'}), or resume the run to finish it."), use
+        assert error_line(results[f"{use}-diverged"]) == (
+            f"error: model.name_or_path={diverged} {unfinished}it holds no checkpoint either: resume or retrain the "
+            "run to produce a model."), use
+        assert error_line(results[f"{use}-empty"]) == (
+            f"error: model.name_or_path={empty} holds no model: no config.json (full weights) or adapter_config.json "
+            "(a LoRA adapter); give a finished run directory, one of its checkpoint-* directories, or a model "
+            "directory in the official layout."), use
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("x_") or p.suffix == ".jsonl" and p.name != "ask.jsonl"]

@@ -38,7 +38,7 @@ def run(cfg: DictConfig) -> dict:
 
     library_logs_to_files()
     run_dir = output_dir(cfg)
-    model, processor = load_for_inference(cfg)
+    model, processor = load_for_inference(cfg, "evaluate")
     samples, problems = load_split(cfg.task, "eval")
     samples, skipped = screen(samples, processor, cfg.data.max_length, cfg.data.on_error, problems,
                               cfg.data.max_image_pixels)

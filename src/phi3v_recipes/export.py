@@ -13,10 +13,9 @@ index, with `config.json`, `generation_config.json`, the processor files and the
 `model/metadata.py`, and the code `auto_map` names (`model/remote_code.py`): by default our own model code, so that
 the export loads with `trust_remote_code=True` where phi3v-recipes is not installed; with `remote_code=reference`
 Microsoft's (the base's reference `*.py` files copied, or the entries pointing at its hub repository). A run
-directory without a final model (training did not finish) is refused, naming its newest checkpoint. For an
-adapter, the export
-reports the max |logit| difference between the merged model and the adapter model on one sample of the run's own
-data (its `config.yaml` says which task); `python -m phi3v_recipes.verify_checkpoint <dir>` then checks the result.
+directory without a final model (training stopped, failed or diverged) is refused, naming its newest checkpoint
+(`loading.missing_model`, shared with evaluate and predict). For an adapter, the export reports the max |logit|
+difference between the merged model and the adapter model on one sample of the run's own data (its `config.yaml` says which task); `python -m phi3v_recipes.verify_checkpoint <dir>` then checks the result.
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from phi3v_recipes.cli import exit_on_user_error, one_sentence_errors, register_resolvers, tell_deepspeed_cpu
 from phi3v_recipes.config import check_model_path, check_output_dir
 from phi3v_recipes.errors import ConfigError, RunStopped, reason
-from phi3v_recipes.rundir import checkpoints, run_config
+from phi3v_recipes.rundir import run_config
 
 if TYPE_CHECKING:
     import torch
@@ -44,22 +43,6 @@ register_resolvers()
 log = logging.getLogger("phi3v_recipes.export")
 
 DTYPES = ("bfloat16", "float16", "float32")
-# Files that make a directory a model (full weights or an adapter) rather than a run that has not finished.
-MODEL_FILES = ("config.json", "adapter_config.json")
-
-
-def unfinished_run(source: Path) -> str | None:
-    """The sentence for a run directory that holds checkpoints but no final model (training did not finish), naming
-    the newest checkpoint to export; None for anything else."""
-    if not source.is_dir() or any((source / name).is_file() for name in MODEL_FILES):
-        return None
-    found = checkpoints(source)
-    if not found:
-        return None
-    return (f"model.name_or_path={source} is a run that did not finish: it holds checkpoints but no final model. "
-            f"Export its newest checkpoint (model.name_or_path={found[-1]}), or resume the run to finish it.")
-
-
 def describe_load(source: str, base: str | None, run: DictConfig | None, merge_dtype: str) -> str:
     """What the export loads, in words (the first line of its printout)."""
     from phi3v_recipes.strategy import quantization_config
@@ -117,9 +100,6 @@ def check_settings(cfg: DictConfig) -> Path:
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise ConfigError(f"output={output} already exists and is not empty; choose a new directory (nothing is "
                           "overwritten).")
-    unfinished = unfinished_run(Path(str(cfg.model.name_or_path)))
-    if unfinished:
-        raise ConfigError(unfinished)
     return output
 
 
@@ -129,7 +109,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     tell_deepspeed_cpu(cfg.device == "cpu")
     import torch
 
-    from phi3v_recipes.loading import TINY, adapter_base, load_model
+    from phi3v_recipes.loading import TINY, adapter_base, load_model, require_model
     from phi3v_recipes.model import Phi3VProcessor
     from phi3v_recipes.model.metadata import write_serving_metadata
     from phi3v_recipes.model.remote_code import REMOTE_CODE_CHOICES, hub_repo_id, write_remote_code
@@ -138,6 +118,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if source == TINY:
         raise ConfigError("model.name_or_path=tiny is an untrained random model; point it at a run directory or a "
                           "checkpoint-* directory.")
+    require_model(source, "export")  # a run that did not finish names its newest checkpoint; any other directory
     if cfg.remote_code not in REMOTE_CODE_CHOICES:
         raise ConfigError(f"remote_code={cfg.remote_code}: choose one of {REMOTE_CODE_CHOICES}.")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():

@@ -23,9 +23,38 @@ from transformers import AutoModelForCausalLM
 from phi3v_recipes.errors import ConfigError, reason
 from phi3v_recipes.model import Phi3VForCausalLM, Phi3VProcessor
 from phi3v_recipes.model.tiny import TINY_NUM_IMG_TOKENS, build_tiny_processor, tiny_model_config
+from phi3v_recipes.rundir import RECORD, STATUS, checkpoints
 from phi3v_recipes.strategy import quantization_config
 
 TINY = "tiny"
+# Files that make a directory a model (full weights or a LoRA adapter) rather than a run that has not finished.
+MODEL_FILES = ("config.json", "adapter_config.json")
+
+
+def missing_model(path: str, use: str) -> str | None:
+    """The sentence for a local directory that holds no model, for the command `use` (export, evaluate, predict):
+    a run directory of ours that never produced a final model (training stopped, failed or diverged) names its
+    newest complete checkpoint to `use` instead, or says it holds none; any other directory names what it lacks.
+    None for a model directory, a hub id, or anything that is not a directory (checked elsewhere)."""
+    directory = Path(path)
+    if not directory.is_dir() or any((directory / name).is_file() for name in MODEL_FILES):
+        return None
+    found = checkpoints(directory)
+    if found or (directory / RECORD).is_file() or (directory / STATUS).is_file():
+        then = (f"{use} its newest checkpoint (model.name_or_path={found[-1]}), or resume the run to finish it"
+                if found else "it holds no checkpoint either: resume or retrain the run to produce a model")
+        return (f"model.name_or_path={path} is a run that did not finish: it holds no final model (no config.json "
+                f"or adapter_config.json); {then}.")
+    return (f"model.name_or_path={path} holds no model: no config.json (full weights) or adapter_config.json (a LoRA "
+            "adapter); give a finished run directory, one of its checkpoint-* directories, or a model directory in "
+            "the official layout.")
+
+
+def require_model(path: str, use: str) -> None:
+    """ConfigError with `missing_model`'s sentence when the directory `path` holds no model to `use`."""
+    problem = missing_model(path, use)
+    if problem:
+        raise ConfigError(problem)
 
 
 def write_tiny_base(path: Path, corpus: Iterable[str], seed: int) -> None:
@@ -184,13 +213,21 @@ def init_distributed() -> torch.device:
     return device
 
 
-def load_for_inference(cfg: DictConfig) -> tuple[torch.nn.Module, Any]:
-    """(model in eval mode on this rank's device, processor) from model.name_or_path, for evaluation and
-    prediction; the processor keeps the crop count saved with the model unless data.num_crops sets one."""
-    path = cfg.model.name_or_path
+def check_inference_model(path: str, use: str) -> None:
+    """ConfigError unless `path` can be what `use` (evaluate, predict) loads: not the untrained `tiny`, and not a
+    directory without a model (`missing_model`)."""
     if path == TINY:
         raise ConfigError("model.name_or_path=tiny is an untrained random model; point it at a run directory, a "
                           "checkpoint-* directory or a hub id.")
+    require_model(path, use)
+
+
+def load_for_inference(cfg: DictConfig, use: str) -> tuple[torch.nn.Module, Any]:
+    """(model in eval mode on this rank's device, processor) from model.name_or_path, for evaluation and
+    prediction (`use`: the command, named in a refusal); the processor keeps the crop count saved with the model
+    unless data.num_crops sets one."""
+    path = cfg.model.name_or_path
+    check_inference_model(path, use)
     device = init_distributed()
     processor = load_processor(path, cfg.data.num_crops)
     model = load_model(cfg, path, for_training=False).to(device).eval()

@@ -109,16 +109,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     tell_deepspeed_cpu(cfg.device == "cpu")
     import torch
 
-    from phi3v_recipes.loading import TINY, adapter_base, load_model, require_model
+    from phi3v_recipes.loading import adapter_base, check_trained_model, load_model
     from phi3v_recipes.model import Phi3VProcessor
     from phi3v_recipes.model.metadata import write_serving_metadata
     from phi3v_recipes.model.remote_code import REMOTE_CODE_CHOICES, hub_repo_id, write_remote_code
 
     source = str(cfg.model.name_or_path)
-    if source == TINY:
-        raise ConfigError("model.name_or_path=tiny is an untrained random model; point it at a run directory or a "
-                          "checkpoint-* directory.")
-    require_model(source, "export")  # a run that did not finish names its newest checkpoint; any other directory
+    check_trained_model(source, "export")  # not tiny; a run that did not finish names its newest checkpoint
     if cfg.remote_code not in REMOTE_CODE_CHOICES:
         raise ConfigError(f"remote_code={cfg.remote_code}: choose one of {REMOTE_CODE_CHOICES}.")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():

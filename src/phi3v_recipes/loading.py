@@ -50,11 +50,6 @@ def missing_model(path: str, use: str) -> str | None:
             "the official layout.")
 
 
-def require_model(path: str, use: str) -> None:
-    """ConfigError with `missing_model`'s sentence when the directory `path` holds no model to `use`."""
-    problem = missing_model(path, use)
-    if problem:
-        raise ConfigError(problem)
 
 
 def write_tiny_base(path: Path, corpus: Iterable[str], seed: int) -> None:
@@ -213,13 +208,15 @@ def init_distributed() -> torch.device:
     return device
 
 
-def check_inference_model(path: str, use: str) -> None:
-    """ConfigError unless `path` can be what `use` (evaluate, predict) loads: not the untrained `tiny`, and not a
-    directory without a model (`missing_model`)."""
+def check_trained_model(path: str, use: str) -> None:
+    """ConfigError unless `path` can be what `use` (export, evaluate, predict) loads: not the untrained `tiny`, and
+    not a directory without a model (`missing_model`)."""
     if path == TINY:
         raise ConfigError("model.name_or_path=tiny is an untrained random model; point it at a run directory, a "
                           "checkpoint-* directory or a hub id.")
-    require_model(path, use)
+    problem = missing_model(path, use)
+    if problem:
+        raise ConfigError(problem)
 
 
 def load_for_inference(cfg: DictConfig, use: str) -> tuple[torch.nn.Module, Any]:
@@ -227,7 +224,7 @@ def load_for_inference(cfg: DictConfig, use: str) -> tuple[torch.nn.Module, Any]
     prediction (`use`: the command, named in a refusal); the processor keeps the crop count saved with the model
     unless data.num_crops sets one."""
     path = cfg.model.name_or_path
-    check_inference_model(path, use)
+    check_trained_model(path, use)
     device = init_distributed()
     processor = load_processor(path, cfg.data.num_crops)
     model = load_model(cfg, path, for_training=False).to(device).eval()

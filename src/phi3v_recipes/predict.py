@@ -163,7 +163,7 @@ def run(cfg: DictConfig) -> int:
     from phi3v_recipes.data.encode import generation_prompt
     from phi3v_recipes.data.jsonl import read_jsonl
     from phi3v_recipes.evaluation import answer_batch, stop_token_ids
-    from phi3v_recipes.loading import check_inference_model, load_for_inference
+    from phi3v_recipes.loading import check_trained_model, load_for_inference
 
     samples, problems = read_jsonl(cfg.input, cfg.image_root, require_answers=False)
     if problems:
@@ -173,7 +173,7 @@ def run(cfg: DictConfig) -> int:
     output = Path(cfg.output)
     if output.exists() and output.resolve() == Path(cfg.input).resolve():
         raise ConfigError(f"output={cfg.output} is the input file; give the answers a file of their own.")
-    check_inference_model(cfg.model.name_or_path, "predict with")
+    check_trained_model(cfg.model.name_or_path, "predict with")  # before the output is read
     record = answers_record(cfg)
     answered, complete = read_answers(output)
     check_continues(output, answered, record, {line_of(s): s.id for s in samples}, cfg.input)

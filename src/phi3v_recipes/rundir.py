@@ -475,9 +475,9 @@ def _open_run_dir(cfg: DictConfig, run_dir: Path) -> tuple[RunLock, str | None]:
         log.warning("removed incomplete checkpoint(s) left by an interrupted run: %s", ", ".join(removed))
     saved = saved_record(run_dir)
     changes: list[str] = []
-    if saved is not None and cfg.train.resume is not False and (checkpoints(run_dir) or (run_dir / METRICS).exists()):
-        changes = check_same_run(saved, cfg)  # before anything else: a changed run must not even look finished
     found = checkpoints(run_dir)
+    if saved is not None and cfg.train.resume is not False and (found or (run_dir / METRICS).exists()):
+        changes = check_same_run(saved, cfg)  # before anything else: a changed run must not even look finished
     # A launch shorter than the checkpoint it would continue from is refused before anything changes; one of the
     # same length does not extend a finished run (check_length).
     longer = cfg.train.resume in ("auto", True) and bool(found) and check_length(found[-1], cfg, saved)

@@ -59,7 +59,7 @@ def _job_number(hydra_record: Path) -> int | None:
 
 
 def job_row(job: Path, number: int) -> dict[str, Any]:
-    """One job's row: its number and directory, overrides, status and reason, and the metrics of its finished run
+    """One job's row: its number, overrides, status and reason, and the metrics of its finished run
     (none unless its status is done: a job refused in a later launch of the sweep still holds the metrics of what
     it trained before, which do not belong to its current overrides)."""
     overrides_file = job / ".hydra" / "overrides.yaml"
